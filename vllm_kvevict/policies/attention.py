@@ -1,0 +1,47 @@
+"""Attention probabilities of a few trailing prompt queries over the prompt's keys.
+
+The scorers of SnapKV, NACL and VATP all start here. Reference math in fp32; the window is small
+(tens of queries), so materialising [H_q, W, T] is cheap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_kvevict.policies.gqa import expand_kv
+
+
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Softmax attention of the last W prompt positions over all T keys.
+
+    queries [H_q, W, D] sit at positions T-W .. T-1; keys [H_kv, T, D]. Returns probabilities
+    [H_q, W, T] (fp32). With `causal`, query i never sees keys after its own position, as in the model.
+    """
+    num_q, window, dim = queries.shape
+    num_tokens = keys.shape[1]
+    if window > num_tokens:
+        raise ValueError(f"window of {window} queries is longer than the {num_tokens}-token prompt")
+    k = expand_kv(keys.float(), num_q // keys.shape[0])
+    logits = torch.einsum("hwd,htd->hwt", queries.float(), k) / math.sqrt(dim)
+    if causal:
+        q_pos = torch.arange(num_tokens - window, num_tokens).unsqueeze(1)
+        k_pos = torch.arange(num_tokens).unsqueeze(0)
+        logits = logits.masked_fill(k_pos > q_pos, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """Smooth scores [H, N] along tokens (SnapKV's max-pool keeps neighbours of a hit together)."""
+    if pooling == "none" or kernel_size <= 1 or scores.shape[-1] == 0:
+        return scores
+    pad = kernel_size // 2
+    x = scores.unsqueeze(1)
+    if pooling == "max":
+        out = torch.nn.functional.max_pool1d(x, kernel_size, stride=1, padding=pad)
+    elif pooling == "avg":
+        out = torch.nn.functional.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    else:
+        raise ValueError(f"pooling={pooling!r} is invalid: expected one of 'max', 'avg', 'none'")
+    return out.squeeze(1)[..., : scores.shape[-1]]

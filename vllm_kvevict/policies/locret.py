@@ -1,0 +1,137 @@
+"""Locret (Huang et al., arXiv 2410.01805): trained retaining heads predict causal importance.
+
+A retaining head per layer maps a token's pre-RoPE [q, k, v] to one causal importance score (CIS)
+per KV head: fc1 ((H_q + 2 H_kv) * d -> d_R), the model's activation (SiLU), fc2 (d_R -> H_kv), no
+biases (SPEC.md 2.9). During chunked prefill the cache keeps the top-`budget` units by predicted CIS,
+the last `stabilizers` tokens forced in. The heads must be trained for the model (a later issue);
+without weights the policy refuses to run rather than invent scores.
+
+Shapes: qkv [T, (H_q + 2 H_kv) * d] -> CIS [H_kv, T].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vllm_kvevict.policies.plan import LayerView
+from vllm_kvevict.policies.policy import EvictionPolicy
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "locret"
+
+
+class LocretWeightsMissing(RuntimeError):
+    """No trained retaining heads are available for the model being served."""
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden: int = 1024  # d_R
+
+    @property
+    def in_features(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+
+class RetainingHead(nn.Module):
+    """One layer's retaining head: [T, (H_q + 2 H_kv) d] -> [T, H_kv]."""
+
+    def __init__(self, in_features: int, hidden: int, num_kv_heads: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=False)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden, num_kv_heads, bias=False)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(qkv)))
+
+
+class RetainingHeads(nn.Module):
+    """All layers' retaining heads for one model shape."""
+
+    def __init__(self, shape: HeadShape):
+        super().__init__()
+        self.shape = shape
+        self.heads = nn.ModuleList(
+            RetainingHead(shape.in_features, shape.hidden, shape.num_kv_heads) for _ in range(shape.num_layers)
+        )
+
+    def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Predicted CIS [H_kv, T] for layer `layer`."""
+        return self.heads[layer](qkv).transpose(0, 1)
+
+    def save(self, path: str | Path, meta: dict | None = None) -> None:
+        torch.save({"shape": asdict(self.shape), "meta": meta or {}, "state_dict": self.state_dict()}, path)
+
+
+def load_retaining_heads(path: str | Path, expect: HeadShape | None = None) -> RetainingHeads:
+    """Load trained heads, checking they were trained for a model of shape `expect` (ignoring d_R)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocretWeightsMissing(f"locret weights file {str(path)!r} does not exist")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    shape = HeadShape(**blob["shape"])
+    if expect is not None:
+        for field in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(shape, field) != getattr(expect, field):
+                raise ValueError(
+                    f"locret weights {str(path)!r} were trained for {field}={getattr(shape, field)}, "
+                    f"but the model has {field}={getattr(expect, field)}"
+                )
+    heads = RetainingHeads(shape)
+    heads.load_state_dict(blob["state_dict"])
+    return heads.eval()
+
+
+def default_weights_path(model_name: str = "SmolLM2-135M-Instruct") -> Path:
+    return WEIGHTS_DIR / f"{model_name}.pt"
+
+
+def retain_topk(kept_cis: torch.Tensor, chunk_cis: torch.Tensor, budget: int, stabilizers: int) -> torch.Tensor:
+    """One Locret step: indices (per KV head, sorted) into cat(kept, chunk) that survive.
+
+    kept_cis [H_kv, N], chunk_cis [H_kv, C]. The last `stabilizers` entries are forced in; the rest
+    of the budget goes to the highest predicted CIS. Returns [H_kv, min(budget, N + C)].
+    """
+    scores = torch.cat([kept_cis, chunk_cis], dim=1).float()
+    total = scores.shape[1]
+    keep = min(budget, total)
+    stab = min(stabilizers, keep)
+    if stab > 0:
+        scores[:, total - stab :] = float("inf")
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
+    return torch.sort(order, dim=1).values
+
+
+class Locret(EvictionPolicy):
+    name = "locret"
+
+    def __init__(self, budget, params):
+        super().__init__(budget, params)
+        self.chunk_size = int(self.params.get("chunk_size", 512))
+        self.stabilizers = int(self.params.get("stabilizers", 256))
+        weights = self.params.get("weights") or default_weights_path()
+        if not Path(weights).is_file():
+            raise LocretWeightsMissing(
+                f"locret needs trained retaining heads and none were found at {str(weights)!r}. "
+                "No trained weights ship for the default model yet; pass weights=PATH "
+                "(a file saved by RetainingHeads.save for your model's shape)."
+            )
+        self.heads = load_retaining_heads(weights)
+
+    def recent_tokens(self, num_tokens: int) -> int:
+        return min(self.stabilizers, num_tokens)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        qkv = view.extra.get("qkv")
+        if qkv is None:
+            raise ValueError("locret needs the prompt's pre-RoPE q/k/v (view.extra['qkv'], [T, (H_q+2H_kv)*d])")
+        with torch.no_grad():
+            return self.heads(view.layer, qkv.float())

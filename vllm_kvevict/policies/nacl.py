@@ -1,0 +1,77 @@
+"""NACL (Chen et al., ACL 2024, arXiv 2408.03675): proxy-token eviction plus random eviction.
+
+Score: the attention the proxy tokens (the last `proxy_ratio` of the prompt, at least one) pay to
+every prompt token, summed over the proxies and reduced over each GQA group.
+Select, per KV head: the top `(1 - random_fraction)` of the head's slots by score, then the rest
+sampled without replacement from the remaining candidates with probability softmax(score) (the
+reference code's rule, SPEC.md 1.9). Different heads and layers draw different samples
+("head-wise diversity"); the generator is seeded from (seed, layer, head), so a plan is reproducible
+(preemption recomputes the same cache).
+
+Shapes: view.queries [H_q, P, D] (P proxies), view.keys [H_kv, T, D] -> scores [H_kv, T].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_kvevict.policies.attention import window_attention
+from vllm_kvevict.policies.gqa import reduce_groups
+from vllm_kvevict.policies.plan import LayerView
+from vllm_kvevict.policies.policy import EvictionPolicy
+from vllm_kvevict.policies.topk import topk_per_head
+
+
+class NACL(EvictionPolicy):
+    name = "nacl"
+
+    def __init__(self, budget, params):
+        super().__init__(budget, params)
+        self.proxy_ratio = float(self.params.get("proxy_ratio", 0.01))
+        self.random_fraction = float(self.params.get("random_fraction", 0.37))
+        self.seed = int(self.params.get("seed", 0))
+
+    def num_proxies(self, num_tokens: int) -> int:
+        return max(1, min(num_tokens, math.floor(self.proxy_ratio * num_tokens)))
+
+    def query_window(self, num_tokens: int) -> int:
+        return self.num_proxies(num_tokens)
+
+    def recent_tokens(self, num_tokens: int) -> int:
+        # the proxy tokens (the question at the end of a prompt) are kept themselves
+        return self.num_proxies(num_tokens)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        if view.queries is None:
+            raise ValueError(f"nacl needs the last {self.num_proxies(view.num_tokens)} prompt queries (view.queries is None)")
+        probs = window_attention(view.queries, view.keys)  # [H_q, P, T]
+        return reduce_groups(probs.sum(dim=1), view.num_kv_heads, self.gqa_reduce)
+
+    def choose(self, cand_scores: torch.Tensor, counts: list[int], view: LayerView) -> list[torch.Tensor]:
+        n_random = [int(round(c * self.random_fraction)) for c in counts]
+        proxy = topk_per_head(cand_scores, [c - r for c, r in zip(counts, n_random)])
+        out = []
+        for h, (picked, r) in enumerate(zip(proxy, n_random)):
+            out.append(torch.sort(torch.cat([picked, self._sample(cand_scores[h], picked, r, view.layer, h)])).values)
+        return out
+
+    def _sample(self, scores: torch.Tensor, taken: torch.Tensor, n: int, layer: int, head: int) -> torch.Tensor:
+        remaining = torch.ones(scores.numel(), dtype=torch.bool)
+        remaining[taken] = False
+        pool = remaining.nonzero().squeeze(1)
+        n = min(n, pool.numel())
+        if n <= 0:
+            return torch.empty(0, dtype=torch.long)
+        probs = random_keep_distribution(scores[pool])
+        gen = torch.Generator().manual_seed(self._seed_for(layer, head))
+        return pool[torch.multinomial(probs, n, replacement=False, generator=gen)]
+
+    def _seed_for(self, layer: int, head: int) -> int:
+        return (self.seed * 1_000_003 + layer * 1_009 + head) % (2**63 - 1)
+
+
+def random_keep_distribution(scores: torch.Tensor) -> torch.Tensor:
+    """NACL's sampling distribution over the remaining candidates: softmax of their scores."""
+    return torch.softmax(scores.double(), dim=0)

@@ -1,0 +1,107 @@
+"""The eviction pipeline shared by every evict-kind policy: score -> allocate -> select.
+
+A policy is a scorer (tokens -> scores per KV head), an allocator (budget per layer and head), and a
+selector (top-k around protected sinks and a recent window). Subclasses override the pieces that
+make their method (DESIGN.md section 4). Nothing here knows about vLLM.
+
+Budget semantics: `budget` is the number of tokens each KV head keeps on average in every layer,
+protected tokens included. Protected tokens always survive, so a budget below them keeps exactly
+the protected tokens. A budget >= the prompt keeps everything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from vllm_kvevict.policies.adakv import adakv_allocate
+from vllm_kvevict.policies.params import resolve_budget
+from vllm_kvevict.policies.plan import KeepPlan, LayerView
+from vllm_kvevict.policies.pyramid import pyramid_budgets
+from vllm_kvevict.policies.topk import candidate_positions, merge_kept, protected_positions, topk_per_head
+from vllm_kvevict.policies.uniform import uniform_allocate
+
+
+class EvictionPolicy:
+    """Base class: evict once after prefill with uniform per-head budgets and plain top-k."""
+
+    name: ClassVar[str] = "base"
+    kind: ClassVar[str] = "evict"
+
+    def __init__(self, budget: int | float, params: dict[str, Any]):
+        self.budget = budget
+        self.params = dict(params)
+        self.sink_tokens = int(self.params.get("sink_tokens", 0))
+        self.min_prompt_len = int(self.params.get("min_prompt_len", 0))
+        self.gqa_reduce = str(self.params.get("gqa_reduce", "mean"))
+        self.allocator = "uniform"
+        self.pyramid_beta: float | None = None
+        self.floor_alpha = 0.0
+        self.ada_mode = "exact"
+
+    # ---- what the integration layer asks before building a view -------------------------------
+    def query_window(self, num_tokens: int) -> int:
+        """How many trailing prompt queries the scorer needs (0: none)."""
+        return 0
+
+    def recent_tokens(self, num_tokens: int) -> int:
+        """Size of the protected recent window for a prompt of `num_tokens`."""
+        return 0
+
+    def tokens_per_head(self, num_tokens: int, layer: int = 0, num_layers: int = 1) -> int:
+        """Average tokens kept per KV head at `layer` (for block accounting before any scoring)."""
+        if num_tokens <= self.min_prompt_len:
+            return num_tokens
+        budget = resolve_budget(self.budget, num_tokens)
+        if budget >= num_tokens:
+            return num_tokens
+        n_prot = protected_positions(num_tokens, self.sink_tokens, self.recent_tokens(num_tokens)).numel()
+        base = max(budget, n_prot) - n_prot
+        return n_prot + self._layer_base(base, num_tokens - n_prot, layer, num_layers)
+
+    def max_tokens_per_head(self, num_tokens: int, num_layers: int = 1) -> int:
+        """The largest per-head count any layer keeps (uniform allocation)."""
+        return max(self.tokens_per_head(num_tokens, layer, num_layers) for layer in range(num_layers))
+
+    # ---- the pipeline ----------------------------------------------------------------------------
+    def score(self, view: LayerView) -> torch.Tensor:
+        """Importance per KV head and token, [H_kv, T]; higher is kept first."""
+        raise NotImplementedError
+
+    def plan(self, view: LayerView) -> KeepPlan:
+        """Which tokens each KV head keeps after the prompt has been prefilled."""
+        num_tokens, num_heads = view.num_tokens, view.num_kv_heads
+        if self.tokens_per_head(num_tokens, view.layer, view.num_layers) >= num_tokens:
+            return KeepPlan.keep_all(num_heads, num_tokens)
+        recent = self.recent_tokens(num_tokens)
+        protected = protected_positions(num_tokens, self.sink_tokens, recent)
+        candidates = candidate_positions(num_tokens, self.sink_tokens, recent)
+        budget = resolve_budget(self.budget, num_tokens)
+        base = max(budget, protected.numel()) - protected.numel()
+        base = self._layer_base(base, candidates.numel(), view.layer, view.num_layers)
+        scores = self.score(view)
+        if scores.shape != (num_heads, num_tokens):
+            raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {(num_heads, num_tokens)}")
+        cand_scores = scores[:, candidates].float()
+        counts = self.allocate(cand_scores, base * num_heads)
+        chosen = self.choose(cand_scores, counts, view)
+        return KeepPlan(merge_kept(protected, candidates, chosen), num_tokens)
+
+    def allocate(self, cand_scores: torch.Tensor, total: int) -> list[int]:
+        num_heads, num_cand = cand_scores.shape
+        if self.allocator == "ada":
+            return adakv_allocate(cand_scores, total, self.floor_alpha, self.ada_mode)
+        return uniform_allocate(num_heads, total, num_cand)
+
+    def choose(self, cand_scores: torch.Tensor, counts: list[int], view: LayerView) -> list[torch.Tensor]:
+        return topk_per_head(cand_scores, counts)
+
+    def _layer_base(self, base: int, capacity: int, layer: int, num_layers: int) -> int:
+        base = min(base, capacity)
+        if self.pyramid_beta is None:
+            return base
+        return pyramid_budgets(base, num_layers, self.pyramid_beta, capacity)[layer]
+
+    def describe(self) -> str:
+        return f"{self.name}(budget={self.budget}, {', '.join(f'{k}={v}' for k, v in sorted(self.params.items()))})"

@@ -1,0 +1,74 @@
+"""SnapKV (Li et al., arXiv 2404.14469) and its PyramidKV / Ada-KV variants.
+
+Score: attention of the last `window` prompt queries (the observation window) over the prompt,
+averaged over the window, max-pooled along tokens (kernel 7), reduced over each GQA group (mean).
+The window itself is always kept. Variants change only the allocator:
+  snapkv         uniform per head
+  pyramidkv      uniform per head, per-layer pyramid schedule (Cai et al., 2024)
+  ada-snapkv     Ada-KV adaptive per-head budgets (Feng et al., arXiv 2407.11550)
+  ada-pyramidkv  pyramid per layer, Ada-KV per head
+
+Shapes: view.queries [H_q, W, D], view.keys [H_kv, T, D] -> scores [H_kv, T].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvevict.policies.attention import pool_scores, window_attention
+from vllm_kvevict.policies.gqa import reduce_groups
+from vllm_kvevict.policies.plan import LayerView
+from vllm_kvevict.policies.policy import EvictionPolicy
+
+
+class SnapKV(EvictionPolicy):
+    name = "snapkv"
+
+    def __init__(self, budget, params):
+        super().__init__(budget, params)
+        self.window = int(self.params.get("window", 32))
+        self.kernel_size = int(self.params.get("kernel_size", 7))
+        self.pooling = str(self.params.get("pooling", "max"))
+
+    def query_window(self, num_tokens: int) -> int:
+        return min(self.window, num_tokens)
+
+    def recent_tokens(self, num_tokens: int) -> int:
+        return min(self.window, num_tokens)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        if view.queries is None:
+            raise ValueError(f"{self.name} needs the last {self.window} prompt queries (view.queries is None)")
+        probs = window_attention(view.queries, view.keys)  # [H_q, W, T]
+        window = probs.shape[1]
+        scores = probs.mean(dim=1)  # [H_q, T]
+        # pool only the part before the window, so the window's own mass does not bleed outward
+        head = pool_scores(scores[:, : view.num_tokens - window], self.kernel_size, self.pooling)
+        scores = torch.cat([head, scores[:, view.num_tokens - window :]], dim=1)
+        return reduce_groups(scores, view.num_kv_heads, self.gqa_reduce)
+
+
+class PyramidKV(SnapKV):
+    name = "pyramidkv"
+
+    def __init__(self, budget, params):
+        super().__init__(budget, params)
+        self.pyramid_beta = float(self.params.get("pyramid_beta", 20.0))
+
+
+class AdaSnapKV(SnapKV):
+    name = "ada-snapkv"
+
+    def __init__(self, budget, params):
+        super().__init__(budget, params)
+        self.allocator = "ada"
+        self.floor_alpha = float(self.params.get("floor_alpha", 0.2))
+        self.ada_mode = str(self.params.get("ada_mode", "exact"))
+
+
+class AdaPyramidKV(AdaSnapKV):
+    name = "ada-pyramidkv"
+
+    def __init__(self, budget, params):
+        super().__init__(budget, params)
+        self.pyramid_beta = float(self.params.get("pyramid_beta", 20.0))
