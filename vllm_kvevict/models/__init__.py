@@ -1,0 +1,1 @@
+"""Model preparation (the default model) and model-specific assets (Locret weights)."""
