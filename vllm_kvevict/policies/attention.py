@@ -13,20 +13,24 @@ import torch
 from vllm_kvevict.policies.gqa import expand_kv
 
 
-def window_attention(queries: torch.Tensor, keys: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """Softmax attention of the last W prompt positions over all T keys.
+def window_attention(
+    queries: torch.Tensor, keys: torch.Tensor, causal: bool = True, query_start: int | None = None
+) -> torch.Tensor:
+    """Softmax attention of W prompt queries over T keys.
 
-    queries [H_q, W, D] sit at positions T-W .. T-1; keys [H_kv, T, D]. Returns probabilities
-    [H_q, W, T] (fp32). With `causal`, query i never sees keys after its own position, as in the model.
+    queries [H_q, W, D] sit at positions query_start .. query_start+W-1 (default: the last W, T-W ..
+    T-1); keys [H_kv, T, D]. Returns probabilities [H_q, W, T] (fp32). With `causal`, query i never
+    sees keys after its own position, as in the model.
     """
     num_q, window, dim = queries.shape
     num_tokens = keys.shape[1]
     if window > num_tokens:
         raise ValueError(f"window of {window} queries is longer than the {num_tokens}-token prompt")
+    start = num_tokens - window if query_start is None else query_start
     k = expand_kv(keys.float(), num_q // keys.shape[0])
     logits = torch.einsum("hwd,htd->hwt", queries.float(), k) / math.sqrt(dim)
     if causal:
-        q_pos = torch.arange(num_tokens - window, num_tokens).unsqueeze(1)
+        q_pos = torch.arange(start, start + window).unsqueeze(1)
         k_pos = torch.arange(num_tokens).unsqueeze(0)
         logits = logits.masked_fill(k_pos > q_pos, float("-inf"))
     return torch.softmax(logits, dim=-1)

@@ -46,7 +46,7 @@ class NACL(EvictionPolicy):
     def score(self, view: LayerView) -> torch.Tensor:
         if view.queries is None:
             raise ValueError(f"nacl needs the last {self.num_proxies(view.num_tokens)} prompt queries (view.queries is None)")
-        probs = window_attention(view.queries, view.keys)  # [H_q, P, T]
+        probs = window_attention(view.queries, view.keys, query_start=view.query_start)  # [H_q, P, T]
         return reduce_groups(probs.sum(dim=1), view.num_kv_heads, self.gqa_reduce)
 
     def choose(self, cand_scores: torch.Tensor, counts: list[int], view: LayerView) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ class LayerView:
 
     keys, values: [H_kv, T, D], RoPE already applied to keys (as cached).
     queries: [H_q, W, D], the last W prompt queries (observation window / proxy tokens), RoPE applied,
-        or None when the policy needs none. Their positions are T-W .. T-1.
+        or None when the policy needs none. Their positions are T-W .. T-1 unless query_start says.
     layer, num_layers: which layer this is, for per-layer budget schedules and seeding.
     extra: policy-specific inputs (e.g. Locret's pre-RoPE q/k/v, VATP's running scores).
     """
@@ -26,6 +26,7 @@ class LayerView:
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor | None = None
+    query_start: int | None = None  # position of the first query; None: the last W positions
     layer: int = 0
     num_layers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)

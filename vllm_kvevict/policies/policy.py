@@ -88,6 +88,32 @@ class EvictionPolicy:
         chosen = self.choose(cand_scores, counts, view)
         return KeepPlan(merge_kept(protected, candidates, chosen), num_tokens)
 
+    def plan_rect(self, view: LayerView, region: int, keep: int) -> KeepPlan:
+        """Exactly `keep` tokens per KV head among the first `region` positions (the paged path).
+
+        vLLM's paged attention reads one contiguous length per request, so inside vLLM every head and
+        layer keeps the same count: the compacted region of `keep` slots. Positions at or after
+        `region` (the tail) are kept by the caller and are not part of the plan. Protected positions
+        inside the region come first; the policy's scorer and selector fill the rest.
+        """
+        num_tokens, num_heads = view.num_tokens, view.num_kv_heads
+        region = min(region, num_tokens)
+        keep = min(keep, region)
+        protected = protected_positions(num_tokens, self.sink_tokens, self.recent_tokens(num_tokens))
+        protected = protected[protected < region]
+        if protected.numel() >= keep:  # sinks first, then the latest protected positions
+            sinks = protected[protected < self.sink_tokens]
+            rest = protected[protected >= self.sink_tokens]
+            chosen = torch.cat([sinks, rest.flip(0)])[:keep]
+            return KeepPlan([torch.sort(chosen).values for _ in range(num_heads)], region)
+        is_cand = torch.ones(region, dtype=torch.bool)
+        is_cand[protected] = False
+        candidates = is_cand.nonzero().squeeze(1)
+        cand_scores = self.score(view)[:, candidates].float()
+        counts = uniform_allocate(num_heads, (keep - protected.numel()) * num_heads, candidates.numel())
+        chosen = self.choose(cand_scores, counts, view)
+        return KeepPlan(merge_kept(protected, candidates, chosen), region)
+
     def allocate(self, cand_scores: torch.Tensor, total: int) -> list[int]:
         num_heads, num_cand = cand_scores.shape
         if self.allocator == "ada":

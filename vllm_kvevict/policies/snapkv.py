@@ -39,7 +39,7 @@ class SnapKV(EvictionPolicy):
     def score(self, view: LayerView) -> torch.Tensor:
         if view.queries is None:
             raise ValueError(f"{self.name} needs the last {self.window} prompt queries (view.queries is None)")
-        probs = window_attention(view.queries, view.keys)  # [H_q, W, T]
+        probs = window_attention(view.queries, view.keys, query_start=view.query_start)  # [H_q, W, T]
         window = probs.shape[1]
         scores = probs.mean(dim=1)  # [H_q, T]
         # pool only the part before the window, so the window's own mass does not bleed outward

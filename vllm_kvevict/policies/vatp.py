@@ -52,7 +52,7 @@ class VATP(EvictionPolicy):
         """S per KV head [H_kv, T]: summed (accumulate) or averaged (window) over the queries."""
         if view.queries is None:
             raise ValueError(f"vatp needs prompt queries (mode {self.mode!r}); view.queries is None")
-        probs = window_attention(view.queries, view.keys)
+        probs = window_attention(view.queries, view.keys, query_start=view.query_start)
         per_q = probs.sum(dim=1) if self.mode == "accumulate" else probs.mean(dim=1)
         return reduce_groups(per_q, view.num_kv_heads, self.gqa_reduce)
 

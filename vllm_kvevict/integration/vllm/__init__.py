@@ -1,0 +1,1 @@
+"""The vLLM shell: everything that imports vllm lives here and translates; policies decide."""

@@ -1,0 +1,140 @@
+"""Attention backend (CPU_ATTN override): physical lengths for compacted requests, and compaction.
+
+Builder: for every row whose prompt was compacted in an earlier step, shrink its seq_len by the freed
+tokens and drop the freed logical blocks from its block-table row (layout.py has the diagram), so
+vLLM's own kernel reads [compacted region | tail]. Positions and slot_mapping stay logical.
+
+Impl: while a prompt is being prefilled, keep the queries its policy scores with (the last W prompt
+positions, possibly spread over several chunks). In the step that writes the prompt's last token,
+after this layer's attention ran over the full prompt, score the prompt, select n*bs tokens per KV
+head and move them into the leading blocks (paged_cpu.compact). Layer by layer, in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_kvevict.integration.vllm.paged_cpu import compact, gather_dense
+from vllm_kvevict.integration.vllm.worker import RowInfo, StepContext, current_step
+from vllm_kvevict.policies.plan import LayerView
+
+logger = logging.getLogger("vllm_kvevict")
+
+
+@dataclasses.dataclass
+class StepEviction:
+    """Attached to the attention metadata of a step that involves eviction."""
+
+    step: StepContext
+    query_start: list[int]
+    logical_rows: dict[int, torch.Tensor]  # row index -> logical block row (finishing prompts)
+
+
+class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        step = current_step()
+        if step is None or not step.active or len(step.rows) != common_attn_metadata.num_reqs:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        cm = common_attn_metadata
+        block_table = cm.block_table_tensor
+        logical_rows = {
+            i: block_table[i].clone() for i, row in enumerate(step.rows) if row.finishes_prompt and _evicts(row)
+        }
+        if any(row.compacted for row in step.rows):
+            cm = _physical_metadata(cm, step)
+        metadata = super().build(common_prefix_len, cm, fast_build)
+        metadata.kvevict = StepEviction(step, cm.query_start_loc_cpu.tolist(), logical_rows)
+        return metadata
+
+
+def _evicts(row: RowInfo) -> bool:
+    return row.plan.compaction is not None and not row.plan.compaction.is_noop
+
+
+def _physical_metadata(cm, step: StepContext):
+    seq_lens = cm.seq_lens.clone()
+    block_table = cm.block_table_tensor.clone()
+    for i, row in enumerate(step.rows):
+        if not row.compacted:
+            continue
+        comp = row.plan.compaction
+        logical_len = int(seq_lens[i])
+        physical = comp.physical_len(logical_len)
+        used = -(-physical // comp.block_size)
+        kept = block_table[i, : comp.kept_blocks].clone()
+        tail = block_table[i, comp.tail_start_block : comp.tail_start_block + used - comp.kept_blocks].clone()
+        block_table[i, : comp.kept_blocks] = kept
+        block_table[i, comp.kept_blocks : used] = tail
+        seq_lens[i] = physical
+    return dataclasses.replace(
+        cm, seq_lens=seq_lens, block_table_tensor=block_table, max_seq_len=int(seq_lens.max())
+    )
+
+
+class KVEvictCPUImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._kv_queries: dict[str, list[tuple[int, torch.Tensor]]] = {}  # req -> (position, [H, d]) rows
+        self._kv_layer: int | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        info = getattr(attn_metadata, "kvevict", None) if attn_metadata is not None else None
+        if info is not None:
+            self._capture_queries(info, query)
+        out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if info is not None and info.logical_rows:
+            if self._kv_layer is None:
+                self._kv_layer = extract_layer_index(layer.layer_name)
+            for i, row_table in info.logical_rows.items():
+                self._compact_row(info.step.rows[i], row_table, kv_cache, info.step.num_layers)
+        return out
+
+    def _capture_queries(self, info: StepEviction, query: torch.Tensor) -> None:
+        for i, row in enumerate(info.step.rows):
+            if not _evicts(row) or row.num_computed >= row.prompt_len:
+                continue
+            window = row.plan.policy.query_window(row.prompt_len)
+            first = max(row.num_computed, row.prompt_len - window)
+            last = min(row.num_computed + row.num_scheduled, row.prompt_len)
+            if row.num_computed == 0:
+                self._kv_queries.pop(row.req_id, None)  # a fresh (or recomputed) prefill
+            if first >= last:
+                continue
+            base = info.query_start[i] - row.num_computed
+            rows = query[base + first : base + last].detach().clone()
+            self._kv_queries.setdefault(row.req_id, []).append((first, rows))
+
+    def _compact_row(self, row: RowInfo, table: torch.Tensor, kv_cache: torch.Tensor, num_layers: int) -> None:
+        comp = row.plan.compaction
+        policy = row.plan.policy
+        chunks = self._kv_queries.pop(row.req_id, [])
+        keys, values = gather_dense(kv_cache, table, row.prompt_len)
+        queries = None
+        query_start = None
+        if chunks:
+            query_start = chunks[0][0]
+            queries = torch.cat([c for _, c in chunks], dim=0).transpose(0, 1)  # [H_q, W, D]
+        view = LayerView(keys, values, queries, query_start=query_start, layer=self._kv_layer, num_layers=num_layers)
+        plan = policy.plan_rect(view, region=comp.compactable_tokens, keep=comp.kept_tokens)
+        compact(kv_cache, table, torch.stack(plan.indices))
+
+
+class KVEvictCPUBackend(CPUAttentionBackend):
+    """CPU_ATTN with per-request eviction (registered over CPU_ATTN by the plugin)."""
+
+    @staticmethod
+    def get_builder_cls():
+        return KVEvictCPUMetadataBuilder
+
+    @staticmethod
+    def get_impl_cls():
+        return KVEvictCPUImpl

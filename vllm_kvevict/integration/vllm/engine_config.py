@@ -1,0 +1,70 @@
+"""Post-process every VllmConfig: validate the KV policy, select our scheduler and worker.
+
+Wraps `EngineArgs.create_engine_config`, which both `vllm serve` and `LLM(...)` go through, so the
+offline path (`LLM(..., additional_config={"kv_evict": {...}})`) is configured the same way.
+
+Prefix caching is turned off under a server-wide eviction policy: compaction rewrites a prompt's
+leading blocks in place, and those blocks may be shared with other requests through the prefix
+cache. (Compacting into fresh blocks would keep the prefix cache valid; not done yet.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_kvevict.integration.vllm.settings import CONFIG_KEY, server_config
+
+logger = logging.getLogger("vllm_kvevict")
+_MARK = "_kvevict_wrapped"
+
+
+def configure(vllm_config) -> None:
+    from vllm.platforms import current_platform
+
+    from vllm_kvevict.integration.vllm import plugin
+
+    try:
+        config = server_config(vllm_config.additional_config)
+    except ValueError as exc:
+        raise ValueError(f"vllm-kvevict: invalid KV eviction setting: {exc}") from None
+    vllm_config.additional_config[CONFIG_KEY] = config.to_dict()
+    if not current_platform.is_cpu():
+        if config.kind != "none":
+            raise ValueError(
+                f"vllm-kvevict: kv_policy={config.policy!r} runs on the CPU backend in this release; "
+                f"the {current_platform.device_name} backend is not wired yet"
+            )
+        return
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls is None or sched.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler":
+        sched.scheduler_cls = plugin.SCHEDULER_CLS
+    par = vllm_config.parallel_config
+    if par.worker_cls in ("auto", "vllm.v1.worker.cpu_worker.CPUWorker"):
+        par.worker_cls = plugin.CPU_WORKER_CLS
+    if config.kind == "evict" and vllm_config.cache_config.enable_prefix_caching:
+        logger.warning("vllm-kvevict: %s compacts prompts in place; disabling prefix caching", config.policy)
+        vllm_config.cache_config.enable_prefix_caching = False
+    if config.kind != "none":
+        logger.info("vllm-kvevict: KV policy %s, budget %s", config.policy, config.budget)
+        if config.policy in ("pyramidkv", "ada-snapkv", "ada-pyramidkv"):
+            logger.warning(
+                "vllm-kvevict: %s runs rectangular here: every layer and KV head keeps the same number "
+                "of slots (the largest layer's / head's), so it saves no more memory than snapkv at that size",
+                config.policy,
+            )
+
+
+def install() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.create_engine_config, _MARK, False):
+        return
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        configure(vllm_config)
+        return vllm_config
+
+    setattr(create_engine_config, _MARK, True)
+    EngineArgs.create_engine_config = create_engine_config

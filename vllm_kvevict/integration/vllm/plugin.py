@@ -1,0 +1,33 @@
+"""The `vllm.general_plugins` entry point: runs in every vLLM process, possibly more than once.
+
+It adds our CLI flags, overrides the CPU attention backend with ours, and makes every engine config
+use our scheduler and worker. With policy `none` (the default) and no per-request override, these
+behave exactly like vLLM's own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm_kvevict")
+
+_registered = False
+
+SCHEDULER_CLS = "vllm_kvevict.integration.vllm.scheduler.KVEvictScheduler"
+CPU_WORKER_CLS = "vllm_kvevict.integration.vllm.worker.KVEvictCPUWorker"
+CPU_BACKEND_CLS = "vllm_kvevict.integration.vllm.backend.KVEvictCPUBackend"
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from vllm_kvevict.integration.vllm import cli, engine_config
+
+    cli.install()
+    engine_config.install()
+    # The CPU platform always resolves CPU_ATTN; an override registered for it is honoured.
+    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_CLS)

@@ -1,0 +1,82 @@
+"""Which policy applies to a request, in every process, from vLLM's own config and request data.
+
+The server-wide choice travels in `vllm_config.additional_config["kv_evict"]` (written by our CLI
+flags or given directly with `--additional-config`); a request may override it with `kv_*` keys in
+`SamplingParams.extra_args` (the OpenAI body's `vllm_xargs`). Scheduler and worker both call
+`request_policy()` on the same data, so they agree without talking.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vllm_kvevict.layout import Compaction, plan_compaction
+from vllm_kvevict.policies.config import PolicyConfig
+
+CONFIG_KEY = "kv_evict"
+# the flat spellings accepted inside --additional-config, besides {"kv_evict": {...}}
+FLAT_KEYS = ("kv_policy", "kv_budget", "kv_config")
+
+
+def server_config(additional_config: Mapping[str, Any] | None) -> PolicyConfig:
+    """The server-wide PolicyConfig from `additional_config` (default: `none`)."""
+    extra = dict(additional_config or {})
+    nested = extra.get(CONFIG_KEY)
+    if nested is not None:
+        if isinstance(nested, PolicyConfig):
+            return nested
+        return PolicyConfig.from_dict(nested)
+    flat = {k: v for k, v in extra.items() if k.startswith("kv_")}
+    if not flat:
+        return PolicyConfig()
+    path = flat.pop("kv_config", None)
+    base = PolicyConfig.from_yaml(path) if path else None
+    return PolicyConfig.from_dict(flat, base=base) if base else PolicyConfig.from_dict(flat)
+
+
+def request_overrides(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The `kv_*` keys of a request's extra_args (the OpenAI body's vllm_xargs)."""
+    return {k: v for k, v in (extra_args or {}).items() if isinstance(k, str) and k.startswith("kv_")}
+
+
+def request_config(server: PolicyConfig, extra_args: Mapping[str, Any] | None) -> PolicyConfig:
+    """The request's PolicyConfig; raises ValueError naming a bad override."""
+    overrides = request_overrides(extra_args)
+    if not overrides:
+        return server
+    return _request_config_cached(server, tuple(sorted((k, _hashable(v)) for k, v in overrides.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _request_config_cached(server: PolicyConfig, overrides: tuple) -> PolicyConfig:
+    return PolicyConfig.from_dict(dict(overrides), base=server)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=256)
+def build_policy(config: PolicyConfig) -> Any:
+    """The policy object for a config (None for `none`), built once per distinct config."""
+    return config.build()
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What happens to one request's KV: its config, policy and (evict kinds) compaction."""
+
+    config: PolicyConfig
+    policy: Any
+    compaction: Compaction | None
+
+
+def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers: int) -> RequestPlan:
+    """Deterministic per-request plan shared by scheduler and worker."""
+    policy = build_policy(config)
+    if policy is None or config.kind != "evict":
+        return RequestPlan(config, policy, None)
+    per_head = policy.max_tokens_per_head(prompt_len, num_layers)
+    return RequestPlan(config, policy, plan_compaction(prompt_len, per_head, block_size))

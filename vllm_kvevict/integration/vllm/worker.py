@@ -1,0 +1,108 @@
+"""Worker side: tell the attention backend which request each batch row is, every step.
+
+vLLM's attention metadata carries tensors, not request ids. Our worker wraps its own model runner's
+`_build_attention_metadata` (an instance attribute, not a class patch) to publish a `StepContext`
+just before the metadata builders run: per row, the request id, tokens computed before this step,
+tokens scheduled, prompt length and the request's policy plan. The builder and the attention impl
+read it in the same process and the same step.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from vllm_kvevict.integration.vllm.settings import RequestPlan, plan_for, request_config, server_config
+
+
+@dataclass(frozen=True)
+class RowInfo:
+    req_id: str
+    num_computed: int  # tokens whose KV existed before this step
+    num_scheduled: int  # tokens computed in this step
+    prompt_len: int
+    plan: RequestPlan
+
+    @property
+    def compacted(self) -> bool:
+        """Compaction already happened: attention must read the physical layout."""
+        comp = self.plan.compaction
+        return comp is not None and not comp.is_noop and self.num_computed >= self.prompt_len
+
+    @property
+    def finishes_prompt(self) -> bool:
+        """This step writes the prompt's last tokens: compact after its attention."""
+        return self.num_computed < self.prompt_len <= self.num_computed + self.num_scheduled
+
+
+@dataclass(frozen=True)
+class StepContext:
+    rows: tuple[RowInfo, ...]
+    num_layers: int
+
+    @property
+    def active(self) -> bool:
+        return any(r.plan.compaction is not None and not r.plan.compaction.is_noop for r in self.rows)
+
+
+_local = threading.local()
+
+
+def current_step() -> StepContext | None:
+    return getattr(_local, "step", None)
+
+
+def set_step(step: StepContext | None) -> None:
+    _local.step = step
+
+
+def publish_step(runner, num_reqs: int, block_size: int, num_layers: int) -> StepContext:
+    """Build and publish the StepContext from the runner's persistent batch."""
+    server = runner._kvevict_server_config
+    batch = runner.input_batch
+    query_start = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
+    rows = []
+    for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+        state = runner.requests[req_id]
+        params = state.sampling_params
+        config = request_config(server, params.extra_args if params is not None else None)
+        prompt_len = int(batch.num_prompt_tokens[i])
+        rows.append(
+            RowInfo(
+                req_id=req_id,
+                num_computed=int(batch.num_computed_tokens_cpu[i]),
+                num_scheduled=query_start[i + 1] - query_start[i],
+                prompt_len=prompt_len,
+                plan=plan_for(config, prompt_len, block_size, num_layers),
+            )
+        )
+    step = StepContext(tuple(rows), num_layers)
+    set_step(step)
+    return step
+
+
+def instrument_runner(runner, vllm_config) -> None:
+    """Wrap this runner's metadata construction so each step publishes its StepContext."""
+    if getattr(runner, "_kvevict_instrumented", False):
+        return
+    runner._kvevict_server_config = server_config(vllm_config.additional_config)
+    block_size = vllm_config.cache_config.block_size
+    num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    original = runner._build_attention_metadata
+
+    def build_attention_metadata(num_tokens, num_reqs, *args, **kwargs):
+        publish_step(runner, num_reqs, block_size, num_layers)
+        return original(num_tokens, num_reqs, *args, **kwargs)
+
+    runner._build_attention_metadata = build_attention_metadata
+    runner._kvevict_instrumented = True
+
+
+class KVEvictCPUWorker(CPUWorker):
+    """vLLM's CPU worker whose model runner publishes a StepContext each step."""
+
+    def init_device(self):
+        super().init_device()
+        instrument_runner(self.model_runner, self.vllm_config)
