@@ -23,7 +23,7 @@ from vllm_kvevict.policies.policy import EvictionPolicy
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "locret"
 
 
-class LocretWeightsMissing(RuntimeError):
+class LocretWeightsMissing(ValueError):
     """No trained retaining heads are available for the model being served."""
 
 

@@ -23,8 +23,8 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_kvevict.integration.vllm.paged_cpu import compact, gather_dense
-from vllm_kvevict.integration.vllm.worker import RowInfo, StepContext, current_step
+from vllm_kvevict.integration.vllm.paged_cpu import check_isa, compact, gather_dense
+from vllm_kvevict.integration.vllm.worker import RowInfo, StepContext, current_step, query_store
 from vllm_kvevict.policies.plan import LayerView
 
 logger = logging.getLogger("vllm_kvevict")
@@ -83,17 +83,17 @@ def _physical_metadata(cm, step: StepContext):
 class KVEvictCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._kv_queries: dict[str, list[tuple[int, torch.Tensor]]] = {}  # req -> (position, [H, d]) rows
         self._kv_layer: int | None = None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         info = getattr(attn_metadata, "kvevict", None) if attn_metadata is not None else None
         if info is not None:
+            if self._kv_layer is None:
+                self._kv_layer = extract_layer_index(layer.layer_name)
+                check_isa(layer.isa)
             self._capture_queries(info, query)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if info is not None and info.logical_rows:
-            if self._kv_layer is None:
-                self._kv_layer = extract_layer_index(layer.layer_name)
             for i, row_table in info.logical_rows.items():
                 self._compact_row(info.step.rows[i], row_table, kv_cache, info.step.num_layers)
         return out
@@ -106,17 +106,17 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             first = max(row.num_computed, row.prompt_len - window)
             last = min(row.num_computed + row.num_scheduled, row.prompt_len)
             if row.num_computed == 0:
-                self._kv_queries.pop(row.req_id, None)  # a fresh (or recomputed) prefill
+                query_store().restart(row.req_id, self._kv_layer)  # a fresh (or recomputed) prefill
             if first >= last:
                 continue
             base = info.query_start[i] - row.num_computed
             rows = query[base + first : base + last].detach().clone()
-            self._kv_queries.setdefault(row.req_id, []).append((first, rows))
+            query_store().add(row.req_id, self._kv_layer, first, rows)
 
     def _compact_row(self, row: RowInfo, table: torch.Tensor, kv_cache: torch.Tensor, num_layers: int) -> None:
         comp = row.plan.compaction
         policy = row.plan.policy
-        chunks = self._kv_queries.pop(row.req_id, [])
+        chunks = query_store().pop(row.req_id, self._kv_layer)
         keys, values = gather_dense(kv_cache, table, row.prompt_len)
         queries = None
         query_start = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vllm_kvevict.integration.vllm.settings import CONFIG_KEY, server_config
+from vllm_kvevict.integration.vllm.settings import CONFIG_KEY, check_servable, server_config
 from vllm_kvevict.policies.config import PolicyConfig
 from vllm_kvevict.policies.presets import POLICIES
 
@@ -63,6 +63,7 @@ def fold_into_additional_config(args: argparse.Namespace) -> None:
             config = server_config(extra)  # validate --additional-config '{"kv_policy": ...}' at start-up
         else:
             return
+    check_servable(config)
     extra = {k: v for k, v in extra.items() if not (k == CONFIG_KEY or k.startswith("kv_"))}
     extra[CONFIG_KEY] = config.to_dict()
     args.additional_config = extra

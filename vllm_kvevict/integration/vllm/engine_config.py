@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from vllm_kvevict.integration.vllm.settings import CONFIG_KEY, server_config
+from vllm_kvevict.integration.vllm.settings import CONFIG_KEY, check_servable, server_config
 
 logger = logging.getLogger("vllm_kvevict")
 _MARK = "_kvevict_wrapped"
@@ -25,6 +25,7 @@ def configure(vllm_config) -> None:
 
     try:
         config = server_config(vllm_config.additional_config)
+        check_servable(config)
     except ValueError as exc:
         raise ValueError(f"vllm-kvevict: invalid KV eviction setting: {exc}") from None
     vllm_config.additional_config[CONFIG_KEY] = config.to_dict()

@@ -13,29 +13,13 @@ the same result (policies are deterministic), and it is freed again here.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_kvevict.integration.vllm.settings import plan_for, request_config, server_config
+from vllm_kvevict.integration.vllm.metrics import EvictionCounters, attach
+from vllm_kvevict.integration.vllm.settings import request_plan, server_config
 
 logger = logging.getLogger("vllm_kvevict")
-
-
-@dataclass
-class EvictionCounters:
-    """Cumulative counts, by policy, reported through the scheduler stats."""
-
-    evicted_tokens: dict[str, int] = field(default_factory=dict)
-    freed_blocks: dict[str, int] = field(default_factory=dict)
-    compactions: dict[str, int] = field(default_factory=dict)
-    kept_ratios: list[tuple[str, float]] = field(default_factory=list)
-
-    def add(self, policy: str, evicted: int, freed: int, ratio: float) -> None:
-        self.evicted_tokens[policy] = self.evicted_tokens.get(policy, 0) + evicted
-        self.freed_blocks[policy] = self.freed_blocks.get(policy, 0) + freed
-        self.compactions[policy] = self.compactions.get(policy, 0) + 1
-        self.kept_ratios.append((policy, ratio))
 
 
 class KVEvictScheduler(Scheduler):
@@ -53,6 +37,23 @@ class KVEvictScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         self._free_compacted_blocks()
         return super().schedule(*args, **kwargs)
+
+    def make_stats(self, *args, **kwargs):
+        stats = super().make_stats(*args, **kwargs)
+        attach(stats, self.kv_counters.drain())  # drained either way, so nothing piles up
+        return stats
+
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        """A chunk of an evicting request never crosses its prompt's end. Matters on recompute after
+        preemption (prompt and generated tokens are prefilled again): the prompt is compacted first,
+        so the generated tokens' KV is computed over the compacted prompt, as it was the first time."""
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        prompt_len = request.num_prompt_tokens
+        if num_computed_tokens < prompt_len < num_computed_tokens + num_new_tokens:
+            comp = self.kv_plan(request).compaction
+            if comp is not None and not comp.is_noop:
+                num_new_tokens = prompt_len - num_computed_tokens
+        return num_new_tokens
 
     def _preempt_request(self, request, *args, **kwargs):
         # all blocks go back to the pool; the recomputed prompt is compacted (and freed) again
@@ -87,5 +88,5 @@ class KVEvictScheduler(Scheduler):
             logger.debug("kvevict: %s freed %d blocks (%s)", rid, comp.freed_blocks, plan.config.policy)
 
     def kv_plan(self, request):
-        config = request_config(self.kv_server_config, request.sampling_params.extra_args if request.sampling_params else None)
-        return plan_for(config, request.num_prompt_tokens, self.kv_block_size, self.kv_num_layers)
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        return request_plan(self.kv_server_config, extra, request.num_prompt_tokens, self.kv_block_size, self.kv_num_layers)

@@ -58,6 +58,59 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+#: Policies this release runs inside vLLM (tokenselect and locret land with their own issues).
+SERVED_KINDS = ("none", "evict")
+
+
+def check_servable(config: PolicyConfig) -> None:
+    """Raise ValueError if vLLM cannot run `config` (a kind not wired yet, a policy that cannot build)."""
+    if config.kind not in SERVED_KINDS:
+        raise ValueError(
+            f"kv_policy={config.policy!r} ({config.kind}) is not served inside vLLM yet; "
+            f"served policies: {', '.join(served_policies())}"
+        )
+    try:
+        build_policy(config)  # e.g. locret without trained weights
+    except ValueError as exc:
+        raise ValueError(f"kv_policy={config.policy!r} cannot run: {exc}") from None
+
+
+def served_policies() -> list[str]:
+    from vllm_kvevict.policies.presets import POLICIES
+
+    return [name for name, spec in POLICIES.items() if spec.kind in SERVED_KINDS and name != "locret"]
+
+
+def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None, *, prefix_caching: bool) -> PolicyConfig:
+    """The request's config, or ValueError naming the bad `vllm_xargs` field (the API answers 400).
+
+    With prefix caching on (only possible when the server-wide policy is `none`), a request may not
+    switch eviction on: compaction rewrites blocks in place that the prefix cache may share.
+    """
+    overrides = request_overrides(extra_args)
+    if not overrides:
+        return server
+    try:
+        config = request_config(server, extra_args)
+        check_servable(config)
+    except ValueError as exc:
+        raise ValueError(f"vllm_xargs: {exc}") from None
+    if prefix_caching and config.kind == "evict":
+        raise ValueError(
+            f"vllm_xargs: kv_policy={config.policy!r} needs prefix caching off; this server runs "
+            "kv_policy='none' with prefix caching on (start it with --kv-policy, or --no-enable-prefix-caching)"
+        )
+    return config
+
+
+def bad_field(message: str) -> str | None:
+    """The `kv_*` field a validation message is about (for the HTTP 400's `param`)."""
+    for key in ("kv_policy", "kv_budget", "kv_config"):
+        if key in message or key[3:] + "=" in message:
+            return key
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def build_policy(config: PolicyConfig) -> Any:
     """The policy object for a config (None for `none`), built once per distinct config."""
@@ -80,3 +133,17 @@ def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers:
         return RequestPlan(config, policy, None)
     per_head = policy.max_tokens_per_head(prompt_len, num_layers)
     return RequestPlan(config, policy, plan_compaction(prompt_len, per_head, block_size))
+
+
+def request_plan(
+    server: PolicyConfig, extra_args: Mapping[str, Any] | None, prompt_len: int, block_size: int, num_layers: int
+) -> RequestPlan:
+    """The plan scheduler and worker both use. Admission rejected bad overrides already; if one gets
+    through anyway (an engine driven without our admission check), the request keeps its full KV on
+    both sides rather than crashing the engine or disagreeing."""
+    try:
+        config = request_config(server, extra_args)
+        check_servable(config)
+    except ValueError:
+        config = PolicyConfig()
+    return plan_for(config, prompt_len, block_size, num_layers)

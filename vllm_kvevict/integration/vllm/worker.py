@@ -12,9 +12,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import torch
+
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_kvevict.integration.vllm.settings import RequestPlan, plan_for, request_config, server_config
+from vllm_kvevict.integration.vllm.settings import RequestPlan, request_plan, server_config
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,42 @@ class StepContext:
         return any(r.plan.compaction is not None and not r.plan.compaction.is_noop for r in self.rows)
 
 
+class QueryStore:
+    """Queries captured for prompts still being prefilled: (request, layer) -> [(first position, [n, H, D])].
+
+    One per worker thread. Entries go when the prompt is compacted, when the request restarts its
+    prefill (preemption), or when vLLM reports it finished or aborted."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
+
+    def add(self, req_id: str, layer: int, first: int, rows: torch.Tensor) -> None:
+        self._chunks.setdefault((req_id, layer), []).append((first, rows))
+
+    def restart(self, req_id: str, layer: int) -> None:
+        self._chunks.pop((req_id, layer), None)
+
+    def pop(self, req_id: str, layer: int) -> list[tuple[int, torch.Tensor]]:
+        return self._chunks.pop((req_id, layer), [])
+
+    def purge(self, req_ids) -> None:
+        gone = set(req_ids)
+        if gone:
+            for key in [k for k in self._chunks if k[0] in gone]:
+                del self._chunks[key]
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+
 _local = threading.local()
+
+
+def query_store() -> QueryStore:
+    store = getattr(_local, "queries", None)
+    if store is None:
+        store = _local.queries = QueryStore()
+    return store
 
 
 def current_step() -> StepContext | None:
@@ -67,15 +104,15 @@ def publish_step(runner, num_reqs: int, block_size: int, num_layers: int) -> Ste
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
         state = runner.requests[req_id]
         params = state.sampling_params
-        config = request_config(server, params.extra_args if params is not None else None)
         prompt_len = int(batch.num_prompt_tokens[i])
+        extra = params.extra_args if params is not None else None
         rows.append(
             RowInfo(
                 req_id=req_id,
                 num_computed=int(batch.num_computed_tokens_cpu[i]),
                 num_scheduled=query_start[i + 1] - query_start[i],
                 prompt_len=prompt_len,
-                plan=plan_for(config, prompt_len, block_size, num_layers),
+                plan=request_plan(server, extra, prompt_len, block_size, num_layers),
             )
         )
     step = StepContext(tuple(rows), num_layers)
@@ -90,13 +127,19 @@ def instrument_runner(runner, vllm_config) -> None:
     runner._kvevict_server_config = server_config(vllm_config.additional_config)
     block_size = vllm_config.cache_config.block_size
     num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-    original = runner._build_attention_metadata
+    original_build = runner._build_attention_metadata
+    original_update = runner._update_states
 
     def build_attention_metadata(num_tokens, num_reqs, *args, **kwargs):
         publish_step(runner, num_reqs, block_size, num_layers)
-        return original(num_tokens, num_reqs, *args, **kwargs)
+        return original_build(num_tokens, num_reqs, *args, **kwargs)
+
+    def update_states(scheduler_output, *args, **kwargs):
+        query_store().purge(scheduler_output.finished_req_ids)  # finished or aborted
+        return original_update(scheduler_output, *args, **kwargs)
 
     runner._build_attention_metadata = build_attention_metadata
+    runner._update_states = update_states
     runner._kvevict_instrumented = True
 
 

@@ -1,0 +1,195 @@
+"""`vllm serve --kv-policy snapkv --kv-budget 256` over HTTP: the OpenAI API, overrides, /metrics.
+
+A real `vllm serve` process (the console script, not a python -m workaround) with the default model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.engine import long_prompt, model_path
+
+pytestmark = pytest.mark.e2e
+
+VLLM = str(Path(sys.executable).with_name("vllm"))
+NAME = "smol"
+SERVE_ENV = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0")
+SERVE_ENV.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it: engine in its own process
+BASE_ARGS = ["--served-model-name", NAME, "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+             "--block-size", "128", "--host", "127.0.0.1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(port), "--kv-policy", "snapkv", "--kv-budget", "256"]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=SERVE_ENV)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def long_text():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path())
+    return long_prompt(tok, 1900)
+
+
+def post(url: str, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def post_stream(url: str, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(url + path, data=json.dumps(dict(body, stream=True)).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events, done = [], False
+    with urllib.request.urlopen(req, timeout=600) as r:
+        assert r.status == 200
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            events.append(json.loads(line[6:]))
+    assert done, "stream did not end with [DONE]"
+    return events
+
+
+def metrics(url: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm_kvevict:"):
+                out[(sample.name, sample.labels.get("policy", ""))] = sample.value
+    return out
+
+
+def wait_for(url: str, key: tuple[str, str], at_least: float, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = metrics(url)
+        if current.get(key, 0.0) >= at_least or time.monotonic() > deadline:
+            return current
+        time.sleep(0.5)
+
+
+COMPACTIONS = ("vllm_kvevict:compactions_total", "snapkv")
+
+
+def test_completion_is_compacted_and_counted(server, long_text):
+    before = metrics(server)
+    status, body = post(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 30,
+                                                    "temperature": 0})
+    assert status == 200, body
+    assert "Python" in body["choices"][0]["text"]
+    after = wait_for(server, COMPACTIONS, before.get(COMPACTIONS, 0) + 1)
+    assert after[COMPACTIONS] == before.get(COMPACTIONS, 0) + 1
+    key = ("vllm_kvevict:evicted_tokens_total", "snapkv")
+    assert after[key] - before.get(key, 0) == 1947 - 256 - (1947 - 15 * 128)  # 13 blocks of 128
+    key = ("vllm_kvevict:freed_blocks_total", "snapkv")
+    assert after[key] - before.get(key, 0) == 13
+    key = ("vllm_kvevict:kept_ratio_count", "snapkv")
+    assert after[key] - before.get(key, 0) == 1
+
+
+def test_streaming_completion_and_chat(server, long_text):
+    events = post_stream(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 20,
+                                                     "temperature": 0})
+    text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    assert "Python" in text
+    question = long_text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    chat = {"model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 20, "temperature": 0}
+    status, body = post(server, "/v1/chat/completions", chat)
+    assert status == 200, body
+    assert "Python" in body["choices"][0]["message"]["content"]
+    events = post_stream(server, "/v1/chat/completions", chat)
+    streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert streamed == body["choices"][0]["message"]["content"]
+
+
+def test_override_none_is_not_compacted(server, long_text):
+    before = metrics(server)
+    status, body = post(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 5,
+                                                    "temperature": 0, "vllm_xargs": {"kv_policy": "none"}})
+    assert status == 200, body
+    # a compacted request right after it shows the counters are live, and that only it was counted
+    status, _ = post(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 5, "temperature": 0})
+    assert status == 200
+    after = wait_for(server, COMPACTIONS, before.get(COMPACTIONS, 0) + 1)
+    assert after[COMPACTIONS] == before.get(COMPACTIONS, 0) + 1
+
+
+@pytest.mark.parametrize(
+    "xargs, field",
+    [({"kv_budget": 0}, "kv_budget"), ({"kv_policy": "bogus"}, "kv_policy"), ({"kv_policy": "tokenselect"}, "kv_policy"),
+     ({"kv_sink_tokens": -1}, "sink_tokens")],
+)
+def test_bad_override_is_a_400_naming_the_field(server, xargs, field):
+    status, body = post(server, "/v1/completions", {"model": NAME, "prompt": "Hello", "max_tokens": 3,
+                                                    "vllm_xargs": xargs})
+    assert status == 400, body
+    message = json.dumps(body)
+    assert field in message, message
+    status, body = post(server, "/v1/completions", {"model": NAME, "prompt": "The capital of France is",
+                                                    "max_tokens": 3, "temperature": 0})
+    assert status == 200 and body["choices"][0]["text"], body  # the server is unaffected
+
+
+@pytest.mark.parametrize("flags, needle", [(["--kv-budget", "0"], "budget=0"),
+                                           (["--kv-policy", "bogus"], "bogus"),
+                                           (["--kv-policy", "tokenselect"], "not served")])
+def test_bad_server_flag_refuses_to_start(flags, needle):
+    args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(_free_port()), *flags]
+    if "--kv-policy" not in flags:
+        args += ["--kv-policy", "snapkv"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=SERVE_ENV, timeout=300)
+    assert proc.returncode != 0
+    assert needle in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]

@@ -1,0 +1,210 @@
+"""The vLLM integration's parts, without an engine: block rule, paged layout, overrides, flags, metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from vllm_kvevict.layout import plan_compaction
+from vllm_kvevict.policies.config import PolicyConfig
+
+
+# ---- the block rule (scheduler and worker both use it) ---------------------------------------------
+@pytest.mark.parametrize(
+    "prompt_len, per_head, bs, kept, tail_start, freed",
+    [
+        (1947, 256, 128, 2, 15, 13),  # tail of 27 tokens counts toward the 256
+        (2047, 256, 128, 2, 15, 13),  # tail of 127: 129 more tokens need 2 blocks
+        (1000, 4096, 128, 7, 7, 0),  # budget above the prompt: nothing to free
+        (300, 16, 128, 1, 2, 1),  # at least one block (the sinks) survives
+    ],
+)
+def test_plan_compaction_examples(prompt_len, per_head, bs, kept, tail_start, freed):
+    comp = plan_compaction(prompt_len, per_head, bs)
+    assert (comp.kept_blocks, comp.tail_start_block, comp.freed_blocks) == (kept, tail_start, freed)
+    assert comp.is_noop == (freed == 0)
+
+
+def test_physical_view_drops_exactly_the_freed_blocks():
+    comp = plan_compaction(1947, 256, 128)
+    row = list(range(100, 116))  # 16 logical blocks
+    assert comp.physical_row(row) == [100, 101, 115]
+    assert comp.physical_len(1947) == 1947 - 13 * 128
+    assert comp.physical_len(2100) == 2100 - 13 * 128  # decoded tokens land in the tail
+    with pytest.raises(ValueError, match="block_size=0"):
+        plan_compaction(10, 4, 0)
+
+
+# ---- the CPU paged layout, against vLLM's own cache-writing kernel ----------------------------------
+def _write_with_vllm(num_blocks, heads, bs, dim, row, num_tokens, isa="vec"):
+    from vllm import _custom_ops as ops
+
+    cache = torch.zeros(num_blocks, heads, bs, 2 * dim)
+    view = cache.view(num_blocks, heads, 2 * bs, dim)
+    key_cache, value_cache = view.chunk(2, dim=2)  # exactly how CPU_ATTN hands the cache to the kernel
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(num_tokens, heads, dim, generator=gen)
+    values = torch.randn(num_tokens, heads, dim, generator=gen)
+    pos = torch.arange(num_tokens)
+    slots = row[pos // bs] * bs + pos % bs
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
+    return cache, keys.transpose(0, 1), values.transpose(0, 1)
+
+
+@pytest.mark.parametrize("isa, dim", [("vec", 64), ("vec16", 48)])
+def test_gather_dense_reads_what_vllms_kernel_wrote(isa, dim):
+    from vllm_kvevict.integration.vllm.paged_cpu import gather_dense
+
+    row = torch.tensor([5, 2, 7, 0])  # a scattered block row
+    cache, keys, values = _write_with_vllm(8, 3, 32, dim, row, 100, isa)
+    k, v = gather_dense(cache, row, 100)
+    assert torch.equal(k, keys) and torch.equal(v, values)
+
+
+def test_compact_moves_each_heads_kept_tokens_to_the_front():
+    from vllm_kvevict.integration.vllm.paged_cpu import compact, gather_dense
+
+    row = torch.tensor([5, 2, 7, 0])
+    cache, keys, values = _write_with_vllm(8, 3, 32, 64, row, 128)
+    untouched = cache[[1, 3, 4, 6]].clone()
+    gen = torch.Generator().manual_seed(1)
+    kept = torch.stack([torch.randperm(96, generator=gen)[:40].sort().values for _ in range(3)])  # per head
+    kept[:, 0] = 0
+    compact(cache, row, kept)
+    k, v = gather_dense(cache, row, 128)
+    for h in range(3):
+        assert torch.equal(k[h, :40], keys[h, kept[h]])
+        assert torch.equal(v[h, :40], values[h, kept[h]])
+    assert torch.equal(k[:, 96:], keys[:, 96:]) and torch.equal(v[:, 96:], values[:, 96:])  # tail as written
+    assert torch.equal(cache[[1, 3, 4, 6]], untouched)  # other requests' blocks
+
+
+def test_unsupported_isa_is_a_clear_error():
+    from vllm_kvevict.integration.vllm.paged_cpu import check_isa
+
+    check_isa("vec")
+    with pytest.raises(NotImplementedError, match="'amx'"):
+        check_isa("amx")
+
+
+# ---- per-request overrides (what admission turns into HTTP 400) -------------------------------------
+SERVER = PolicyConfig.from_dict({"policy": "snapkv", "budget": 256})
+
+
+@pytest.mark.parametrize(
+    "xargs, field, text",
+    [
+        ({"kv_budget": 0}, "kv_budget", "budget=0"),
+        ({"kv_budget": "lots"}, "kv_budget", "budget='lots'"),
+        ({"kv_policy": "bogus"}, "kv_policy", "bogus"),
+        ({"kv_policy": "tokenselect"}, "kv_policy", "not served inside vLLM yet"),
+        ({"kv_policy": "locret"}, "kv_policy", "locret"),
+        ({"kv_sink_tokens": -1}, None, "sink_tokens"),
+        ({"kv_pyramid_beta": 2.0}, None, "pyramid_beta"),
+    ],
+)
+def test_bad_override_names_the_field(xargs, field, text):
+    from vllm_kvevict.integration.vllm.settings import bad_field, validate_request
+
+    with pytest.raises(ValueError) as err:
+        validate_request(SERVER, xargs, prefix_caching=False)
+    message = str(err.value)
+    assert message.startswith("vllm_xargs: ") and text in message, message
+    if field is not None:
+        assert bad_field(message) == field
+
+
+def test_good_overrides_and_other_keys():
+    from vllm_kvevict.integration.vllm.settings import validate_request
+
+    assert validate_request(SERVER, None, prefix_caching=False) is SERVER
+    assert validate_request(SERVER, {"unrelated": 1}, prefix_caching=False) is SERVER
+    assert validate_request(SERVER, {"kv_policy": "none"}, prefix_caching=False).policy == "none"
+    cfg = validate_request(SERVER, {"kv_policy": "vatp"}, prefix_caching=False)
+    assert (cfg.policy, cfg.budget) == ("vatp", 256)  # the server's budget carries over
+    assert validate_request(SERVER, {"kv_budget": 0.25}, prefix_caching=False).budget == 0.25
+
+
+def test_eviction_override_needs_prefix_caching_off():
+    from vllm_kvevict.integration.vllm.settings import validate_request
+
+    none = PolicyConfig()
+    with pytest.raises(ValueError, match="prefix caching"):
+        validate_request(none, {"kv_policy": "snapkv", "kv_budget": 128}, prefix_caching=True)
+    assert validate_request(none, {"kv_policy": "snapkv", "kv_budget": 128}, prefix_caching=False).policy == "snapkv"
+
+
+def test_request_plan_falls_back_to_the_full_cache_on_a_bad_override():
+    from vllm_kvevict.integration.vllm.settings import request_plan
+
+    good = request_plan(SERVER, None, 1947, 128, 30)
+    assert good.compaction.freed_blocks == 13
+    bad = request_plan(SERVER, {"kv_budget": -5}, 1947, 128, 30)
+    assert bad.config.policy == "none" and bad.compaction is None
+
+
+# ---- server flags ------------------------------------------------------------------------------------
+def _parse(argv):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_kvevict.integration.vllm import cli
+
+    cli.install()
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", *argv])
+    cli.fold_into_additional_config(args)
+    return args
+
+
+def test_flags_fold_into_additional_config(tmp_path):
+    args = _parse(["--kv-policy", "snapkv", "--kv-budget", "0.125", "--kv-window", "16"])
+    assert args.additional_config["kv_evict"] == {**PolicyConfig.from_dict(
+        {"policy": "snapkv", "budget": 0.125, "window": 16}).to_dict()}
+    preset = tmp_path / "p.yaml"
+    preset.write_text("policy: nacl\nbudget: 512\n")
+    args = _parse(["--kv-config", str(preset), "--kv-budget", "300"])
+    assert args.additional_config["kv_evict"]["policy"] == "nacl"
+    assert args.additional_config["kv_evict"]["budget"] == 300
+    args = _parse(["--additional-config", '{"kv_policy": "streamingllm", "kv_budget": 64}'])
+    assert args.additional_config["kv_evict"]["policy"] == "streamingllm"
+
+
+@pytest.mark.parametrize("argv, text", [(["--kv-budget", "0", "--kv-policy", "snapkv"], "budget=0"),
+                                        (["--kv-policy", "tokenselect"], "not served"),
+                                        (["--kv-policy", "snapkv", "--kv-window", "x"], "window")])
+def test_bad_flag_is_a_clear_error(argv, text):
+    with pytest.raises(ValueError, match=text):
+        _parse(argv)
+
+
+# ---- metrics channel -----------------------------------------------------------------------------------
+def test_metrics_survive_vllms_stats_serialization_and_reach_prometheus():
+    from prometheus_client import REGISTRY
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from vllm_kvevict.integration.vllm.metrics import EvictionCounters, PromMetrics, attach, take
+
+    counters = EvictionCounters()
+    counters.add("snapkv", evicted=1664, freed=13, ratio=0.15)
+    counters.add("nacl", evicted=100, freed=1, ratio=0.5)
+    stats = SchedulerStats()
+    attach(stats, counters.drain())
+    assert counters.drain() == []
+    wire = MsgpackDecoder(SchedulerStats).decode(MsgpackEncoder().encode(stats))  # engine -> API server
+    events = take(wire)
+    assert wire.kv_connector_stats is None  # vLLM's own loggers see no connector stats
+    assert events == [["snapkv", 1664, 13, 0.15], ["nacl", 100, 1, 0.5]]
+
+    def value(name, policy):
+        return REGISTRY.get_sample_value(name, {"policy": policy}) or 0.0
+
+    before = value("vllm_kvevict:evicted_tokens_total", "snapkv")
+    PromMetrics.get().observe(events)
+    assert value("vllm_kvevict:evicted_tokens_total", "snapkv") - before == 1664
+    assert value("vllm_kvevict:freed_blocks_total", "nacl") >= 1
+    assert value("vllm_kvevict:kept_ratio_count", "snapkv") >= 1
+    assert counters.freed_blocks == {"snapkv": 13, "nacl": 1}

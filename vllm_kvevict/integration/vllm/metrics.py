@@ -1,0 +1,117 @@
+"""Eviction metrics: counted in the scheduler (engine process), exported on the API server's /metrics.
+
+Channel: `SchedulerStats` is what vLLM ships from engine core to the front end each step, and it
+has no free-form field; only declared fields survive serialization. `kv_connector_stats` is a
+plain dict, so the scheduler adds one reserved key, `PAYLOAD_KEY`, holding what happened since the
+last stats (plain dicts and lists). In the front end we wrap `StatLoggerManager.record`, the one
+place every stat logger is fed from, to take the key out before vLLM's own loggers see it (they
+would read it as connector stats) and to feed our Prometheus metrics:
+
+    vllm_kvevict:evicted_tokens_total{policy}   prompt tokens dropped by compaction
+    vllm_kvevict:freed_blocks_total{policy}     KV blocks returned to the pool
+    vllm_kvevict:compactions_total{policy}      requests compacted
+    vllm_kvevict:kept_ratio{policy}             histogram: kept / prompt tokens per compacted request
+
+The metrics live in prometheus_client's default registry, which vLLM's /metrics serves (and which
+prometheus_client's multiprocess mode covers when vLLM turns it on).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+PAYLOAD_KEY = "vllm_kvevict"
+_MARK = "_kvevict_wrapped"
+KEPT_RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass
+class EvictionCounters:
+    """Cumulative counts by policy (scheduler side), plus the events not yet shipped."""
+
+    evicted_tokens: dict[str, int] = field(default_factory=dict)
+    freed_blocks: dict[str, int] = field(default_factory=dict)
+    compactions: dict[str, int] = field(default_factory=dict)
+    kept_ratios: deque = field(default_factory=lambda: deque(maxlen=4096))  # the latest (policy, ratio)
+    _pending: list[list[Any]] = field(default_factory=list, repr=False)
+
+    def add(self, policy: str, evicted: int, freed: int, ratio: float) -> None:
+        self.evicted_tokens[policy] = self.evicted_tokens.get(policy, 0) + evicted
+        self.freed_blocks[policy] = self.freed_blocks.get(policy, 0) + freed
+        self.compactions[policy] = self.compactions.get(policy, 0) + 1
+        self.kept_ratios.append((policy, ratio))
+        self._pending.append([policy, evicted, freed, ratio])
+
+    def drain(self) -> list[list[Any]]:
+        """Compactions since the last drain: [policy, evicted_tokens, freed_blocks, kept_ratio] each."""
+        events, self._pending = self._pending, []
+        return events
+
+
+def attach(stats, events: list[list[Any]]) -> None:
+    """Put the events on a SchedulerStats (scheduler side)."""
+    if stats is None or not events:
+        return
+    payload = dict(stats.kv_connector_stats or {})
+    payload[PAYLOAD_KEY] = events
+    stats.kv_connector_stats = payload
+
+
+def take(stats) -> list[list[Any]]:
+    """Remove and return our events from a SchedulerStats (front end side)."""
+    if stats is None or not stats.kv_connector_stats or PAYLOAD_KEY not in stats.kv_connector_stats:
+        return []
+    payload = dict(stats.kv_connector_stats)
+    events = payload.pop(PAYLOAD_KEY)
+    stats.kv_connector_stats = payload or None
+    return list(events)
+
+
+class PromMetrics:
+    """The four metrics, created once per process in the default registry."""
+
+    _instance: PromMetrics | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.evicted = Counter("vllm_kvevict:evicted_tokens", "Prompt tokens evicted by compaction.", ["policy"])
+        self.freed = Counter("vllm_kvevict:freed_blocks", "KV blocks freed by compaction.", ["policy"])
+        self.compactions = Counter("vllm_kvevict:compactions", "Requests whose prompt was compacted.", ["policy"])
+        self.kept_ratio = Histogram(
+            "vllm_kvevict:kept_ratio", "Kept / prompt tokens per compacted request.", ["policy"],
+            buckets=KEPT_RATIO_BUCKETS,
+        )
+
+    @classmethod
+    def get(cls) -> PromMetrics:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def observe(self, events: list[list[Any]]) -> None:
+        for policy, evicted, freed, ratio in events:
+            self.evicted.labels(policy).inc(evicted)
+            self.freed.labels(policy).inc(freed)
+            self.compactions.labels(policy).inc()
+            self.kept_ratio.labels(policy).observe(ratio)
+
+
+def install() -> None:
+    """Front end: wrap StatLoggerManager.record to export our events and hide them from vLLM's loggers."""
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    original = StatLoggerManager.record
+    if getattr(original, _MARK, False):
+        return
+
+    def record(self, scheduler_stats, *args, **kwargs):
+        events = take(scheduler_stats)
+        if events:
+            PromMetrics.get().observe(events)
+        return original(self, scheduler_stats, *args, **kwargs)
+
+    setattr(record, _MARK, True)
+    StatLoggerManager.record = record
