@@ -51,7 +51,8 @@ serve: setup
 	@MODEL=$$($(BIN)/vllm-kvevict model) && \
 	echo "serving $$MODEL as $(MODEL_NAME) on http://$(HOST):$(PORT)" && \
 	$(SERVE_ENV) $(BIN)/vllm serve $$MODEL --served-model-name $(MODEL_NAME) \
-		--host $(HOST) --port $(PORT) --max-model-len 8192 $(DEVICE_ARGS)
+		--host $(HOST) --port $(PORT) --max-model-len 8192 $(DEVICE_ARGS) \
+		--kv-policy $(POLICY) --kv-budget $(BUDGET)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
