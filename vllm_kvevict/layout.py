@@ -18,6 +18,16 @@ sequence seen by attention is the compacted region followed by the tail:
     block row       = row[0:n] + row[C/bs:]
 
 Positions and slot mapping stay logical, so new tokens keep landing in the tail.
+
+Decode-time eviction (VATP) re-compacts at fixed points. With an interval I (rounded up to whole
+blocks), the points are P_k = T + k*I, k = 0, 1, ...; when a request's KV reaches P_k (k >= 1), the
+policy chooses n*bs tokens among [compacted region | tail up to C_k = C + k*I], writes them into the
+compacted region, and the tail's full blocks in [C_{k-1}, C_k) are freed. Epoch e of a request with
+L tokens of KV is the largest k with P_k <= L; its tail starts at C_e:
+
+    physical length = n*bs + (L - C_e)        block row = row[0:n] + row[C_e/bs:]
+
+So memory stays at n blocks plus at most I/bs + 1 tail blocks however long the request decodes.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ class Compaction:
     prompt_len: int
     block_size: int
     kept_blocks: int  # n: blocks of the compacted region
-    tail_start_block: int  # C / bs: first logical block of the tail
+    tail_start_block: int  # C / bs: first logical block of the tail (after the prompt's compaction)
+    interval_blocks: int = 0  # I / bs: decode-time re-compaction every I tokens (0: never)
 
     @property
     def compactable_tokens(self) -> int:
@@ -53,25 +64,57 @@ class Compaction:
     def is_noop(self) -> bool:
         return self.freed_blocks <= 0
 
-    def physical_len(self, logical_len: int) -> int:
+    # ---- epochs (decode-time re-compaction) ---------------------------------------------------------
+    def point(self, epoch: int) -> int:
+        """P_k: the KV length at which compaction k runs (P_0 = the prompt length)."""
+        return self.prompt_len + epoch * self.interval_blocks * self.block_size
+
+    def epoch(self, kv_len: int) -> int:
+        """The last compaction done once `kv_len` tokens have KV (-1: none yet, or a no-op plan)."""
+        if self.is_noop or kv_len < self.prompt_len:
+            return -1
+        if self.interval_blocks == 0:
+            return 0
+        return (kv_len - self.prompt_len) // (self.interval_blocks * self.block_size)
+
+    def next_point(self, kv_len: int) -> int | None:
+        """The first compaction point after `kv_len` (None if there is none)."""
+        if self.is_noop:
+            return None
+        if kv_len < self.prompt_len:
+            return self.prompt_len
+        return self.point(self.epoch(kv_len) + 1) if self.interval_blocks else None
+
+    def tail_block(self, epoch: int) -> int:
+        """C_e / bs: first logical block of the tail in epoch e."""
+        return self.tail_start_block + epoch * self.interval_blocks
+
+    def freed_range(self, epoch: int) -> tuple[int, int]:
+        """Logical blocks [start, end) freed by compaction `epoch`."""
+        start = self.kept_blocks if epoch == 0 else self.tail_block(epoch - 1)
+        return start, self.tail_block(epoch)
+
+    def physical_len(self, logical_len: int, epoch: int | None = None) -> int:
         """Tokens attention reads for a request whose logical length is `logical_len`."""
-        if self.is_noop:
+        epoch = self.epoch(logical_len) if epoch is None else epoch
+        if epoch < 0:
             return logical_len
-        return logical_len - self.freed_blocks * self.block_size
+        return self.kept_blocks * self.block_size + logical_len - self.tail_block(epoch) * self.block_size
 
-    def physical_row(self, row: list[int]) -> list[int]:
-        """The block row attention reads: compacted blocks, then the tail blocks."""
-        if self.is_noop:
+    def physical_row(self, row: list[int], epoch: int = 0) -> list[int]:
+        """The block row attention reads in `epoch`: compacted blocks, then the tail blocks."""
+        if self.is_noop or epoch < 0:
             return list(row)
-        return list(row[: self.kept_blocks]) + list(row[self.tail_start_block :])
+        return list(row[: self.kept_blocks]) + list(row[self.tail_block(epoch) :])
 
 
-def plan_compaction(prompt_len: int, tokens_per_head: int, block_size: int) -> Compaction:
+def plan_compaction(prompt_len: int, tokens_per_head: int, block_size: int, decode_interval: int = 0) -> Compaction:
     """How many blocks a prompt of `prompt_len` keeps when the policy keeps `tokens_per_head` tokens.
 
     The tail's T - C tokens count toward the budget; the rest is rounded up to whole blocks (a block
     is the unit of memory, so a partly used compacted block would waste its slots). At least one
     block is kept so that attention sinks survive. If that frees nothing, compaction is a no-op.
+    `decode_interval` (tokens, rounded up to whole blocks; 0: never) re-compacts during decode.
     """
     if block_size <= 0:
         raise ValueError(f"block_size={block_size} must be >= 1")
@@ -79,4 +122,5 @@ def plan_compaction(prompt_len: int, tokens_per_head: int, block_size: int) -> C
     tail = prompt_len - full_blocks * block_size
     want = max(0, tokens_per_head - tail)
     kept = min(full_blocks, max(1, math.ceil(want / block_size)))
-    return Compaction(prompt_len, block_size, kept, full_blocks)
+    interval_blocks = math.ceil(decode_interval / block_size) if decode_interval > 0 else 0
+    return Compaction(prompt_len, block_size, kept, full_blocks, interval_blocks)

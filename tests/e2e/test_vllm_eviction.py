@@ -197,24 +197,56 @@ def test_preemption_under_pool_pressure_gives_the_same_output(llm, tok, prompt_b
     assert out["p-b"] == alone_b
 
 
-def test_preempting_a_compacted_request_recomputes_it_to_the_same_output(llm, prompt_a):
-    reference = run_steps(llm, [("r-ref", prompt_a, greedy())])["r-ref"]
+@pytest.mark.parametrize("policy, after", [("snapkv", 10), ("vatp", 140)])  # vatp: after a decode-time compaction
+def test_preempting_a_compacted_request_recomputes_it_to_the_same_output(llm, prompt_a, policy, after):
+    params = greedy(max_tokens=160, kv_policy=policy)
+    params.ignore_eos = True
     compactions = scheduler(llm).kv_counters.compactions
-    before = compactions.get("snapkv", 0)
+    start = compactions.get(policy, 0)
+    reference = run_steps(llm, [("r-ref", prompt_a, params)])["r-ref"]
+    reference_compactions = compactions[policy] - start
+    before = compactions[policy]
     done = [False]
 
     def on_step(_step):
         request = find_request(llm, "r-pre")
         if done[0] or request is None:
             return
-        if len(request.output_token_ids) >= 10:  # compacted and decoding: push it back to recompute
+        if len(request.output_token_ids) >= after:  # compacted and decoding: push it back to recompute
             assert scheduler(llm).reset_prefix_cache(reset_running_requests=True)
             done[0] = True
 
-    out = run_steps(llm, [("r-pre", prompt_a, greedy())], on_step)
+    out = run_steps(llm, [("r-pre", prompt_a, params)], on_step)
     assert done[0]
     assert out["r-pre"] == reference
-    assert compactions["snapkv"] - before == 2  # compacted again after the recompute
+    redone = 1 if policy == "snapkv" else 2  # the prompt's compaction, and vatp's first decode-time one
+    assert compactions[policy] - before == reference_compactions + redone
+
+
+def test_vatp_keeps_evicting_while_decoding(llm, tok, prompt_a):
+    prompt_len = n_tokens(tok, prompt_a)
+    comp = compaction(llm, prompt_len, "vatp")
+    assert comp.interval_blocks == 1  # decode_interval 128 = one block
+    rid = "vatp-decode"
+    held: list[int] = []
+
+    def on_step(_step):
+        if find_request(llm, rid) is not None:
+            held.append(held_blocks(llm, rid))
+
+    counters = scheduler(llm).kv_counters
+    before = (counters.compactions.get("vatp", 0), counters.freed_blocks.get("vatp", 0))
+    params = greedy(max_tokens=300, kv_policy="vatp")
+    params.ignore_eos = True
+    out = run_steps(llm, [(rid, prompt_a, params)], on_step)
+    points = 1 + (prompt_len + 299 - prompt_len) // 128  # the prompt's, then one per 128 tokens of KV
+    assert counters.compactions["vatp"] - before[0] == points == 3
+    assert counters.freed_blocks["vatp"] - before[1] == comp.freed_blocks + (points - 1)
+    after_prompt = held[held.index(max(held)) + 1 :]
+    assert max(after_prompt) <= comp.kept_blocks + comp.interval_blocks + 1  # bounded, however long it decodes
+    snap = compaction(llm, prompt_len, "snapkv")
+    assert held[-1] < snap.kept_blocks + -(-(prompt_len + 299) // BLOCK) - snap.tail_start_block
+    assert_fluent(tok.decode(out[rid][:60], skip_special_tokens=True))
 
 
 def test_abort_mid_prefill_returns_every_block_and_query(llm, prompt_a, short_prompt):

@@ -208,3 +208,20 @@ def test_metrics_survive_vllms_stats_serialization_and_reach_prometheus():
     assert value("vllm_kvevict:freed_blocks_total", "nacl") >= 1
     assert value("vllm_kvevict:kept_ratio_count", "snapkv") >= 1
     assert counters.freed_blocks == {"snapkv": 13, "nacl": 1}
+
+
+def test_decode_time_epochs_follow_the_rule():
+    comp = plan_compaction(1947, 256, 128, decode_interval=100)  # rounded up to one block
+    assert comp.interval_blocks == 1
+    assert [comp.point(k) for k in range(3)] == [1947, 2075, 2203]
+    assert [comp.epoch(n) for n in (1946, 1947, 2074, 2075, 2203)] == [-1, 0, 0, 1, 2]
+    assert comp.next_point(1000) == 1947 and comp.next_point(1947) == 2075
+    assert [comp.freed_range(k) for k in range(3)] == [(2, 15), (15, 16), (16, 17)]
+    row = list(range(100, 120))
+    assert comp.physical_row(row, 1) == [100, 101] + row[16:]
+    assert comp.physical_len(2100, 1) == 256 + 2100 - 16 * 128
+    # without an interval there is only the prompt's compaction
+    once = plan_compaction(1947, 256, 128)
+    assert once.next_point(1947) is None and once.epoch(5000) == 0
+    # a no-op plan never compacts
+    assert plan_compaction(100, 4096, 128, 128).next_point(0) is None

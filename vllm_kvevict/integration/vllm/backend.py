@@ -46,18 +46,12 @@ class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         cm = common_attn_metadata
         block_table = cm.block_table_tensor
-        logical_rows = {
-            i: block_table[i].clone() for i, row in enumerate(step.rows) if row.finishes_prompt and _evicts(row)
-        }
+        logical_rows = {i: block_table[i].clone() for i, row in enumerate(step.rows) if row.reaches_point}
         if any(row.compacted for row in step.rows):
             cm = _physical_metadata(cm, step)
         metadata = super().build(common_prefix_len, cm, fast_build)
         metadata.kvevict = StepEviction(step, cm.query_start_loc_cpu.tolist(), logical_rows)
         return metadata
-
-
-def _evicts(row: RowInfo) -> bool:
-    return row.plan.compaction is not None and not row.plan.compaction.is_noop
 
 
 def _physical_metadata(cm, step: StepContext):
@@ -68,10 +62,11 @@ def _physical_metadata(cm, step: StepContext):
             continue
         comp = row.plan.compaction
         logical_len = int(seq_lens[i])
-        physical = comp.physical_len(logical_len)
+        physical = comp.physical_len(logical_len, row.epoch)
         used = -(-physical // comp.block_size)
         kept = block_table[i, : comp.kept_blocks].clone()
-        tail = block_table[i, comp.tail_start_block : comp.tail_start_block + used - comp.kept_blocks].clone()
+        start = comp.tail_block(row.epoch)
+        tail = block_table[i, start : start + used - comp.kept_blocks].clone()
         block_table[i, : comp.kept_blocks] = kept
         block_table[i, comp.kept_blocks : used] = tail
         seq_lens[i] = physical
@@ -100,13 +95,12 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
 
     def _capture_queries(self, info: StepEviction, query: torch.Tensor) -> None:
         for i, row in enumerate(info.step.rows):
-            if not _evicts(row) or row.num_computed >= row.prompt_len:
+            target = row.target
+            if target is None:
                 continue
-            window = row.plan.policy.query_window(row.prompt_len)
-            first = max(row.num_computed, row.prompt_len - window)
-            last = min(row.num_computed + row.num_scheduled, row.prompt_len)
             if row.num_computed == 0:
                 query_store().restart(row.req_id, self._kv_layer)  # a fresh (or recomputed) prefill
+            first, last = _window(row, target)
             if first >= last:
                 continue
             base = info.query_start[i] - row.num_computed
@@ -114,18 +108,35 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             query_store().add(row.req_id, self._kv_layer, first, rows)
 
     def _compact_row(self, row: RowInfo, table: torch.Tensor, kv_cache: torch.Tensor, num_layers: int) -> None:
+        """Compaction k at point P_k = row.target, over the layout of epoch k-1 (-1: the logical prompt)."""
         comp = row.plan.compaction
-        policy = row.plan.policy
+        target = row.target
+        k = comp.epoch(target)
+        prev = k - 1
+        physical_row = table if prev < 0 else torch.cat([table[: comp.kept_blocks], table[comp.tail_block(prev) :]])
+        keys, values = gather_dense(kv_cache, physical_row, comp.physical_len(target, prev))
         chunks = query_store().pop(row.req_id, self._kv_layer)
-        keys, values = gather_dense(kv_cache, table, row.prompt_len)
-        queries = None
-        query_start = None
+        queries = query_start = None
         if chunks:
-            query_start = chunks[0][0]
+            query_start = comp.physical_len(chunks[0][0], prev)
             queries = torch.cat([c for _, c in chunks], dim=0).transpose(0, 1)  # [H_q, W, D]
         view = LayerView(keys, values, queries, query_start=query_start, layer=self._kv_layer, num_layers=num_layers)
-        plan = policy.plan_rect(view, region=comp.compactable_tokens, keep=comp.kept_tokens)
-        compact(kv_cache, table, torch.stack(plan.indices))
+        region = comp.physical_len(comp.tail_block(k) * comp.block_size, prev)
+        plan = row.plan.policy.plan_rect(view, region=region, keep=comp.kept_tokens)
+        compact(kv_cache, physical_row, torch.stack(plan.indices))
+
+
+def _window(row: RowInfo, target: int) -> tuple[int, int]:
+    """Logical positions [first, last) of this step's queries the policy scores at `target`."""
+    comp = row.plan.compaction
+    policy = row.plan.policy
+    if target == comp.prompt_len:
+        window = policy.query_window(row.prompt_len)
+    else:  # decode-time: at most the queries since the previous point
+        window = min(policy.query_window(target), target - comp.point(comp.epoch(target) - 1))
+    first = max(row.num_computed, target - window)
+    last = min(row.num_computed + row.num_scheduled, target)
+    return first, last
 
 
 class KVEvictCPUBackend(CPUAttentionBackend):

@@ -9,7 +9,7 @@ would read it as connector stats) and to feed our Prometheus metrics:
 
     vllm_kvevict:evicted_tokens_total{policy}   prompt tokens dropped by compaction
     vllm_kvevict:freed_blocks_total{policy}     KV blocks returned to the pool
-    vllm_kvevict:compactions_total{policy}      requests compacted
+    vllm_kvevict:compactions_total{policy}      compactions (a prompt's, and VATP's during decode)
     vllm_kvevict:kept_ratio{policy}             histogram: kept / prompt tokens per compacted request
 
 The metrics live in prometheus_client's default registry, which vLLM's /metrics serves (and which
@@ -37,15 +37,17 @@ class EvictionCounters:
     kept_ratios: deque = field(default_factory=lambda: deque(maxlen=4096))  # the latest (policy, ratio)
     _pending: list[list[Any]] = field(default_factory=list, repr=False)
 
-    def add(self, policy: str, evicted: int, freed: int, ratio: float) -> None:
+    def add(self, policy: str, evicted: int, freed: int, ratio: float | None) -> None:
+        """One compaction; `ratio` (kept / prompt tokens) for a prompt's, None for a decode-time one."""
         self.evicted_tokens[policy] = self.evicted_tokens.get(policy, 0) + evicted
         self.freed_blocks[policy] = self.freed_blocks.get(policy, 0) + freed
         self.compactions[policy] = self.compactions.get(policy, 0) + 1
-        self.kept_ratios.append((policy, ratio))
+        if ratio is not None:
+            self.kept_ratios.append((policy, ratio))
         self._pending.append([policy, evicted, freed, ratio])
 
     def drain(self) -> list[list[Any]]:
-        """Compactions since the last drain: [policy, evicted_tokens, freed_blocks, kept_ratio] each."""
+        """Compactions since the last drain: [policy, evicted_tokens, freed_blocks, kept_ratio or None]."""
         events, self._pending = self._pending, []
         return events
 
@@ -96,7 +98,8 @@ class PromMetrics:
             self.evicted.labels(policy).inc(evicted)
             self.freed.labels(policy).inc(freed)
             self.compactions.labels(policy).inc()
-            self.kept_ratio.labels(policy).observe(ratio)
+            if ratio is not None:
+                self.kept_ratio.labels(policy).observe(ratio)
 
 
 def install() -> None:

@@ -44,15 +44,17 @@ class KVEvictScheduler(Scheduler):
         return stats
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
-        """A chunk of an evicting request never crosses its prompt's end. Matters on recompute after
-        preemption (prompt and generated tokens are prefilled again): the prompt is compacted first,
-        so the generated tokens' KV is computed over the compacted prompt, as it was the first time."""
+        """A chunk of an evicting request never crosses a compaction point (the prompt's end, and for
+        decode-time eviction every interval after it). Matters on recompute after preemption (prompt
+        and generated tokens are prefilled again): each compaction runs where it ran the first time,
+        so the generated tokens' KV is computed over the same compacted cache as before."""
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
-        prompt_len = request.num_prompt_tokens
-        if num_computed_tokens < prompt_len < num_computed_tokens + num_new_tokens:
-            comp = self.kv_plan(request).compaction
-            if comp is not None and not comp.is_noop:
-                num_new_tokens = prompt_len - num_computed_tokens
+        if num_new_tokens <= 1:
+            return num_new_tokens
+        comp = self.kv_plan(request).compaction
+        point = comp.next_point(num_computed_tokens) if comp is not None else None
+        if point is not None and point < num_computed_tokens + num_new_tokens:
+            num_new_tokens = point - num_computed_tokens  # end the chunk at the compaction point
         return num_new_tokens
 
     def _preempt_request(self, request, *args, **kwargs):
@@ -68,24 +70,29 @@ class KVEvictScheduler(Scheduler):
     def _free_compacted_blocks(self) -> None:
         for request in self.running:
             rid = request.request_id
-            if rid in self.kv_freed or request.num_computed_tokens < request.num_prompt_tokens:
-                continue
             plan = self.kv_plan(request)
             comp = plan.compaction
-            if comp is None or comp.is_noop:
-                self.kv_freed[rid] = 0
+            if comp is None:
+                continue
+            epoch = comp.epoch(request.num_computed_tokens)
+            done = self.kv_freed.get(rid, -1)
+            if epoch <= done:
                 continue
             manager = self.kv_cache_manager.coordinator.single_type_managers[0]
-            manager._remove_blocks_in_range(rid, comp.kept_blocks, comp.tail_start_block)
-            self.kv_freed[rid] = comp.freed_blocks
-            kept = comp.kept_tokens + (comp.prompt_len - comp.compactable_tokens)
-            self.kv_counters.add(
-                plan.config.policy,
-                evicted=comp.prompt_len - kept,
-                freed=comp.freed_blocks,
-                ratio=kept / comp.prompt_len,
-            )
-            logger.debug("kvevict: %s freed %d blocks (%s)", rid, comp.freed_blocks, plan.config.policy)
+            start = comp.freed_range(done + 1)[0]
+            end = comp.freed_range(epoch)[1]
+            manager._remove_blocks_in_range(rid, start, end)
+            self.kv_freed[rid] = epoch
+            for e in range(done + 1, epoch + 1):
+                lo, hi = comp.freed_range(e)
+                if e == 0:
+                    kept = comp.kept_tokens + (comp.prompt_len - comp.compactable_tokens)
+                    self.kv_counters.add(plan.config.policy, evicted=comp.prompt_len - kept, freed=hi - lo,
+                                         ratio=kept / comp.prompt_len)
+                else:  # decode-time: a whole interval of tail tokens went
+                    self.kv_counters.add(plan.config.policy, evicted=(hi - lo) * comp.block_size, freed=hi - lo,
+                                         ratio=None)
+            logger.debug("kvevict: %s epoch %d freed blocks [%d, %d) (%s)", rid, epoch, start, end, plan.config.policy)
 
     def kv_plan(self, request):
         extra = request.sampling_params.extra_args if request.sampling_params else None

@@ -132,7 +132,8 @@ def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers:
     if policy is None or config.kind != "evict":
         return RequestPlan(config, policy, None)
     per_head = policy.max_tokens_per_head(prompt_len, num_layers)
-    return RequestPlan(config, policy, plan_compaction(prompt_len, per_head, block_size))
+    interval = dict(config.params).get("decode_interval", 0)  # policies that also evict while decoding
+    return RequestPlan(config, policy, plan_compaction(prompt_len, per_head, block_size, interval))
 
 
 def request_plan(

@@ -28,15 +28,27 @@ class RowInfo:
     plan: RequestPlan
 
     @property
-    def compacted(self) -> bool:
-        """Compaction already happened: attention must read the physical layout."""
+    def epoch(self) -> int:
+        """The layout attention reads this step (-1: logical, not compacted yet)."""
         comp = self.plan.compaction
-        return comp is not None and not comp.is_noop and self.num_computed >= self.prompt_len
+        return -1 if comp is None else comp.epoch(self.num_computed)
 
     @property
-    def finishes_prompt(self) -> bool:
-        """This step writes the prompt's last tokens: compact after its attention."""
-        return self.num_computed < self.prompt_len <= self.num_computed + self.num_scheduled
+    def compacted(self) -> bool:
+        """Compaction already happened: attention must read the physical layout."""
+        return self.epoch >= 0
+
+    @property
+    def target(self) -> int | None:
+        """The next compaction point (the prompt's end, then decode-time points); None if there is none."""
+        comp = self.plan.compaction
+        return None if comp is None else comp.next_point(self.num_computed)
+
+    @property
+    def reaches_point(self) -> bool:
+        """This step writes the KV at the compaction point: compact after its attention."""
+        target = self.target
+        return target is not None and self.num_computed < target <= self.num_computed + self.num_scheduled
 
 
 @dataclass(frozen=True)
