@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--context-tokens", type=int, default=1900)
+    ap.add_argument("--question", default=QUESTION, help="asked after the context")
     args = ap.parse_args()
 
     import pydoc_data.topics as topics
@@ -35,7 +36,7 @@ def main() -> None:
               max_model_len=4096, additional_config={"kv_evict": {"policy": "snapkv", "budget": args.budget}})
     tok = llm.get_tokenizer()
     ids = tok(" ".join(topics.topics.values()))["input_ids"][: args.context_tokens]
-    prompt = tok.apply_chat_template([{"role": "user", "content": tok.decode(ids) + "\n\n" + QUESTION}],
+    prompt = tok.apply_chat_template([{"role": "user", "content": tok.decode(ids) + "\n\n" + args.question}],
                                      tokenize=False, add_generation_prompt=True)
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
