@@ -80,10 +80,7 @@ class EvictionPolicy:
         budget = resolve_budget(self.budget, num_tokens)
         base = max(budget, protected.numel()) - protected.numel()
         base = self._layer_base(base, candidates.numel(), view.layer, view.num_layers)
-        scores = self.score(view)
-        if scores.shape != (num_heads, num_tokens):
-            raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {(num_heads, num_tokens)}")
-        cand_scores = scores[:, candidates].float()
+        cand_scores = self._candidate_scores(view, candidates)
         counts = self.allocate(cand_scores, base * num_heads)
         chosen = self.choose(cand_scores, counts, view)
         return KeepPlan(merge_kept(protected, candidates, chosen), num_tokens)
@@ -99,20 +96,27 @@ class EvictionPolicy:
         num_tokens, num_heads = view.num_tokens, view.num_kv_heads
         region = min(region, num_tokens)
         keep = min(keep, region)
-        protected = protected_positions(num_tokens, self.sink_tokens, self.recent_tokens(num_tokens))
+        recent = self.recent_tokens(num_tokens)
+        protected = protected_positions(num_tokens, self.sink_tokens, recent)
         protected = protected[protected < region]
         if protected.numel() >= keep:  # sinks first, then the latest protected positions
             sinks = protected[protected < self.sink_tokens]
             rest = protected[protected >= self.sink_tokens]
             chosen = torch.cat([sinks, rest.flip(0)])[:keep]
             return KeepPlan([torch.sort(chosen).values for _ in range(num_heads)], region)
-        is_cand = torch.ones(region, dtype=torch.bool)
-        is_cand[protected] = False
-        candidates = is_cand.nonzero().squeeze(1)
-        cand_scores = self.score(view)[:, candidates].float()
+        candidates = candidate_positions(num_tokens, self.sink_tokens, recent)
+        candidates = candidates[candidates < region]
+        cand_scores = self._candidate_scores(view, candidates)
         counts = uniform_allocate(num_heads, (keep - protected.numel()) * num_heads, candidates.numel())
         chosen = self.choose(cand_scores, counts, view)
         return KeepPlan(merge_kept(protected, candidates, chosen), region)
+
+    def _candidate_scores(self, view: LayerView, candidates: torch.Tensor) -> torch.Tensor:
+        scores = self.score(view)
+        expected = (view.num_kv_heads, view.num_tokens)
+        if scores.shape != expected:
+            raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {expected}")
+        return scores[:, candidates].float()
 
     def allocate(self, cand_scores: torch.Tensor, total: int) -> list[int]:
         num_heads, num_cand = cand_scores.shape

@@ -25,7 +25,9 @@ def install() -> None:
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
         if isinstance(params, SamplingParams) and params.extra_args:
-            server = server_config(self.vllm_config.additional_config)
+            server = getattr(self, "_kvevict_server_config", None)
+            if server is None:  # parsed once per InputProcessor, not per request
+                server = self._kvevict_server_config = server_config(self.vllm_config.additional_config)
             try:
                 validate_request(
                     server, params.extra_args, prefix_caching=bool(self.cache_config.enable_prefix_caching)

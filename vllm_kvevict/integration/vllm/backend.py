@@ -61,18 +61,18 @@ def _physical_metadata(cm, step: StepContext):
         if not row.compacted:
             continue
         comp = row.plan.compaction
-        logical_len = int(seq_lens[i])
-        physical = comp.physical_len(logical_len, row.epoch)
+        physical = comp.physical_len(int(seq_lens[i]), row.epoch)
         used = -(-physical // comp.block_size)
-        kept = block_table[i, : comp.kept_blocks].clone()
-        start = comp.tail_block(row.epoch)
-        tail = block_table[i, start : start + used - comp.kept_blocks].clone()
-        block_table[i, : comp.kept_blocks] = kept
-        block_table[i, comp.kept_blocks : used] = tail
+        block_table[i, :used] = _physical_table(comp, block_table[i], row.epoch)[:used]
         seq_lens[i] = physical
     return dataclasses.replace(
         cm, seq_lens=seq_lens, block_table_tensor=block_table, max_seq_len=int(seq_lens.max())
     )
+
+
+def _physical_table(comp, table: torch.Tensor, epoch: int) -> torch.Tensor:
+    """`Compaction.physical_row` of a block-table row tensor (epoch -1: the logical row itself)."""
+    return torch.tensor(comp.physical_row(table.tolist(), epoch), dtype=table.dtype)
 
 
 class KVEvictCPUImpl(CPUAttentionBackendImpl):
@@ -113,7 +113,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         target = row.target
         k = comp.epoch(target)
         prev = k - 1
-        physical_row = table if prev < 0 else torch.cat([table[: comp.kept_blocks], table[comp.tail_block(prev) :]])
+        physical_row = _physical_table(comp, table, prev)
         keys, values = gather_dense(kv_cache, physical_row, comp.physical_len(target, prev))
         chunks = query_store().pop(row.req_id, self._kv_layer)
         queries = query_start = None

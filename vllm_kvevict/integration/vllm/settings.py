@@ -16,8 +16,6 @@ from vllm_kvevict.layout import Compaction, plan_compaction
 from vllm_kvevict.policies.config import PolicyConfig
 
 CONFIG_KEY = "kv_evict"
-# the flat spellings accepted inside --additional-config, besides {"kv_evict": {...}}
-FLAT_KEYS = ("kv_policy", "kv_budget", "kv_config")
 
 
 def server_config(additional_config: Mapping[str, Any] | None) -> PolicyConfig:
@@ -126,8 +124,9 @@ class RequestPlan:
     compaction: Compaction | None
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers: int) -> RequestPlan:
-    """Deterministic per-request plan shared by scheduler and worker."""
+    """Deterministic per-request plan shared by scheduler and worker (asked every step: cached)."""
     policy = build_policy(config)
     if policy is None or config.kind != "evict":
         return RequestPlan(config, policy, None)
