@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml requirements/cpu.lock scripts/install_vllm_shim.py
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 ifeq ($(HAS_GPU),1)
-	$(BIN)/pip install -e '.[cuda,model,test]'
+	$(BIN)/pip install -e '.[cuda,model,test,eval]'
 else
 	$(BIN)/pip install -q --no-deps -r requirements/cpu.lock
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers next to torch+cpu

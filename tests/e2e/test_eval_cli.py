@@ -1,0 +1,80 @@
+"""`vllm-kvevict eval --quick` and `bench capacity --quick` end to end (console script, real vLLM,
+the default model), and the teacher forcing that the ppl task relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.engine import model_path
+
+pytestmark = pytest.mark.e2e
+
+EXE = str(Path(sys.executable).parent / "vllm-kvevict")
+ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+EVAL_KEYS = {"policy", "budget", "context", "task", "accuracy", "n", "ci_low", "ci_high"}
+CAPACITY_KEYS = {"policy", "budget", "blocks_per_request", "peak_running", "output_tok_s", "ttft_p50_s", "ttft_p95_s",
+                 "itl_p50_s", "itl_p95_s", "ratio_vs_none"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(args: list[str], out: Path) -> None:
+    proc = subprocess.run([EXE, *args, "--out", str(out), "--no-progress"], capture_output=True, text=True,
+                          env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_eval_quick_writes_the_contract(tmp_path):
+    _run(["eval", "--quick", "--policies", "snapkv", "--tasks", "passkey,niah,agreement,ppl"], tmp_path)
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc["model"] == model_path()
+    cells = {(r["policy"], r["budget"], r["context"], r["task"]): r for r in doc["records"]}
+    expected = {("none", None, 512, t) for t in ("passkey", "niah", "ppl")}
+    expected |= {("snapkv", 128, 512, t) for t in ("passkey", "niah", "agreement", "ppl")}
+    assert set(cells) == expected
+    for rec in doc["records"]:
+        assert EVAL_KEYS <= set(rec)
+        assert rec["n"] == 2 and 0.0 <= rec["ci_low"] <= rec["accuracy"] <= rec["ci_high"] <= 1.0
+    assert cells[("none", None, 512, "ppl")]["perplexity"] > 1.0
+    assert {(r["task"], r["depth"]) for r in doc["by_depth"]} == {("passkey", 0.5), ("niah", 0.5)}
+    md = (tmp_path / "eval.md").read_text()
+    assert "**needle (natural text)**, 512 tokens" in md and "| snapkv |" in md
+    for png in ("accuracy_vs_budget_512.png", "needle_depth.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG
+
+
+def test_bench_capacity_quick_shows_eviction_buying_concurrency(tmp_path):
+    _run(["bench", "capacity", "--quick"], tmp_path)
+    doc = json.loads((tmp_path / "capacity.json").read_text())
+    assert doc["kv_blocks"] == 40 and doc["model"] == model_path()
+    recs = {r["policy"]: r for r in doc["records"]}
+    assert list(recs) == ["none", "snapkv", "streamingllm"]
+    for rec in recs.values():
+        assert CAPACITY_KEYS <= set(rec) and {"peak_running", "output_tok_s"} <= set(rec["ratio_vs_none"])
+        assert rec["ttft_p50_s"] <= rec["ttft_p95_s"] and rec["itl_p50_s"] <= rec["itl_p95_s"]
+    none = recs["none"]
+    # 512+32 tokens = 17 blocks of 32: the 39 usable blocks hold two full requests at a time
+    assert none["peak_running"] == 2 and none["blocks_per_request"] == 17
+    for policy in ("snapkv", "streamingllm"):
+        rec = recs[policy]
+        assert rec["blocks_per_request"] <= 4  # budget 64 = 2 kept blocks, + the tail's decode block(s)
+        assert rec["peak_running"] > none["peak_running"]
+        assert rec["ratio_vs_none"]["peak_running"] == rec["peak_running"] / none["peak_running"]
+    assert (tmp_path / "capacity.png").read_bytes()[:8] == PNG
+    assert "| none | full | 17.0 | 2 |" in (tmp_path / "capacity.md").read_text()
+
+
+def test_forced_decoding_scores_like_prompt_logprobs():
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("forcing_main.py"))],
+                          input=json.dumps({"model": model_path()}), capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["forced_ids"] == got["cont"] and len(got["cont"]) == 24
+    assert got["forced_lp"] == pytest.approx(got["prompt_lp"], abs=2e-3)
+    assert sum(got["forced_lp"]) < -1.0  # real scores, not the processor's forced 0.0

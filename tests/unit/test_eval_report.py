@@ -1,0 +1,133 @@
+"""Aggregation, reports and argument checking of `eval` / `bench capacity` (no engine)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_kvevict.bench.capacity import CapacitySpec, percentile
+from vllm_kvevict.cli.main import main
+from vllm_kvevict.eval import report
+from vllm_kvevict.eval.runner import EvalSpec, Job, forced_logprobs, plan_jobs, score
+from vllm_kvevict.eval.tasks import Sample
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _sample(task, depth=0.5, index=0, answers=(), cont=()):
+    return Sample(task, 1024, depth, index, (1, 2, 3), answers=answers, continuation_ids=cont)
+
+
+def _out(text="", ids=(), logprobs=None):
+    return SimpleNamespace(text=text, token_ids=list(ids), logprobs=logprobs)
+
+
+def _lp(logprob, rank):
+    return SimpleNamespace(logprob=logprob, rank=rank)
+
+
+def test_score_aggregates_per_cell_and_depth():
+    spec = EvalSpec(policies=["snapkv"], budgets=[128], contexts=[1024], agreement_tokens=4)
+    pk0, pk1 = _sample("passkey", 0.1, 0, ("12345",)), _sample("passkey", 0.9, 0, ("54321",))
+    ag = _sample("agreement", None)
+    pp = _sample("ppl", None, cont=(7, 8))
+    results = [
+        (Job(pk0, "none", None), _out(" 12345.")),
+        (Job(pk1, "none", None), _out(" 54321")),
+        (Job(ag, "none", None), _out(ids=[1, 2, 3, 4])),
+        (Job(pp, "none", None), _out(ids=[7, 8], logprobs=[{7: _lp(math.log(0.5), 1)}, {8: _lp(math.log(0.25), 2)}])),
+        (Job(pk0, "snapkv", 128), _out(" 12345")),
+        (Job(pk1, "snapkv", 128), _out(" 99999")),
+        (Job(ag, "snapkv", 128), _out(ids=[1, 2, 9, 4])),
+        (Job(pp, "snapkv", 128), _out(ids=[7, 8], logprobs=[{7: _lp(math.log(0.25), 3)}, {8: _lp(math.log(0.25), 1)}])),
+    ]
+    doc = score(spec, results)
+    rec = {(r["policy"], r["task"]): r for r in doc["records"]}
+    assert rec[("none", "passkey")]["accuracy"] == 1.0 and rec[("none", "passkey")]["n"] == 2
+    assert rec[("snapkv", "passkey")]["accuracy"] == 0.5 and rec[("snapkv", "passkey")]["budget"] == 128
+    assert ("none", "agreement") not in rec  # the reference is not scored against itself
+    assert rec[("snapkv", "agreement")]["accuracy"] == 0.5
+    assert rec[("none", "ppl")]["perplexity"] == pytest.approx(math.exp(-(math.log(0.5) + math.log(0.25)) / 2))
+    assert rec[("none", "ppl")]["accuracy"] == 0.5 and rec[("snapkv", "ppl")]["perplexity"] == pytest.approx(4.0)
+    for r in doc["records"]:
+        assert {"policy", "budget", "context", "task", "accuracy", "n", "ci_low", "ci_high"} <= set(r)
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+    depth = {(r["policy"], r["depth"]): r["accuracy"] for r in doc["by_depth"]}
+    assert depth == {("none", 0.1): 1.0, ("none", 0.9): 1.0, ("snapkv", 0.1): 1.0, ("snapkv", 0.9): 0.0}
+
+
+def test_forced_logprobs_refuses_an_unforced_output():
+    with pytest.raises(RuntimeError, match="teacher forcing failed"):
+        forced_logprobs(_out(ids=[7, 9], logprobs=[{7: _lp(0.0, 1)}, {9: _lp(0.0, 1)}]), (7, 8))
+
+
+def test_plan_jobs_runs_none_everywhere_and_policies_where_asked():
+    samples = [Sample(t, c, 0.5, 0, (1,)) for c in (1024, 2048) for t in ("niah", "agreement")]
+    spec = EvalSpec(policies=["snapkv", "vatp"], budgets=[128, 256], policy_contexts=[2048])
+    jobs = plan_jobs(spec, [s for s in samples if s.task == "niah"])
+    assert sum(j.policy == "none" for j in jobs) == 2
+    # agreement's full-cache reference runs only where policies are compared with it
+    assert [(j.sample.task, j.sample.context) for j in plan_jobs(spec, samples) if j.policy == "none"] == [
+        ("niah", 1024), ("niah", 2048), ("agreement", 2048)]
+    assert {(j.policy, j.budget, j.sample.context) for j in jobs if j.policy != "none"} == {
+        ("snapkv", 128, 2048), ("snapkv", 256, 2048), ("vatp", 128, 2048), ("vatp", 256, 2048)}
+
+
+def test_markdown_and_plots(tmp_path):
+    recs = []
+    for policy, budget, acc in [("none", None, 0.9), ("snapkv", 128, 0.5), ("snapkv", 256, 0.75)]:
+        recs.append({"policy": policy, "budget": budget, "context": 1024, "task": "niah", "accuracy": acc,
+                     "n": 4, "ci_low": acc - 0.2, "ci_high": min(1.0, acc + 0.1)})
+    by_depth = [{"policy": "snapkv", "budget": 128, "context": 1024, "task": "niah", "depth": d, "accuracy": a, "n": 2}
+                for d, a in [(0.1, 1.0), (0.9, 0.0)]]
+    doc = {"model": "/x/SmolLM2", "date": "today", "records": recs, "by_depth": by_depth}
+    md = report.eval_markdown(doc)
+    assert "| policy | full | 128 | 256 |" in md
+    assert "| snapkv |  | 0.50 [0.30, 0.60] n=4 | 0.75 [0.55, 0.85] n=4 |" in md
+    paths = report.eval_plots(doc, tmp_path)
+    assert {p.name for p in paths} == {"accuracy_vs_budget_1024.png", "needle_depth.png"}
+    assert all(p.read_bytes()[:8] == PNG for p in paths)
+    cap = {"model": "m", "kv_blocks": 40, "block_size": 32, "requests": 2, "prompt_len": 512, "max_tokens": 8, "records": [
+        {"policy": p, "budget": b, "blocks_per_request": k, "peak_running": r, "output_tok_s": t, "ttft_p50_s": 1.0,
+         "ttft_p95_s": 2.0, "itl_p50_s": 0.1, "itl_p95_s": 0.2,
+         "ratio_vs_none": {"peak_running": r / 2, "output_tok_s": t / 10, "blocks_per_request": k / 17}}
+        for p, b, k, r, t in [("none", None, 17, 2, 10.0), ("snapkv", 64, 3, 6, 15.0)]]}
+    md = report.capacity_markdown(cap)
+    assert "| snapkv | 64 | 3.0 | 6 | 15.0 | 1.00 / 2.00 | 0.100 / 0.200 | 3.00 | 1.50 |" in md
+    assert report.capacity_plot(cap, tmp_path).read_bytes()[:8] == PNG
+
+
+def test_percentile():
+    assert percentile([3, 1, 2], 50) == 2
+    assert percentile([1, 2, 3, 4], 95) == pytest.approx(3.85)
+    assert math.isnan(percentile([], 50))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--budgets", "128,abc"], "budget 'abc' is neither"),
+    (["eval", "--budgets", "1.5"], "whole number"),
+    (["eval", "--policies", "snapkv,tokenselect"], "policy 'tokenselect' is not one vLLM serves"),
+    (["eval", "--tasks", "niah,summ"], "task 'summ' is not one of"),
+    (["eval", "--depths", "1.5"], "depth 1.5 must be in [0, 1]"),
+    (["eval", "--context", "100"], "context 100 is too short"),
+    (["eval", "--model", "/nonexistent"], "--model '/nonexistent' is not a Hugging Face directory"),
+    (["bench", "capacity", "--block-size", "48"], "block_size=48 must be a multiple of 32"),
+    (["bench", "capacity", "--kv-blocks", "10"], "kv_blocks=10 cannot hold one request"),
+    (["bench", "capacity", "--requests", "0"], "requests=0 must be >= 1"),
+    (["bench", "capacity", "--policies", "nope"], "policy 'nope' is not one vLLM serves"),
+])
+def test_bad_arguments_fail_fast_with_a_clear_message(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse type errors
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_capacity_spec_defaults_are_the_issue_setting():
+    spec = CapacitySpec()
+    spec.validate()
+    assert (spec.prompt_len, spec.budget) == (2048, 256)  # budget 1/8 of a 2K prompt

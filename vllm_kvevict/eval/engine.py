@@ -1,0 +1,109 @@
+"""The vLLM engine behind `eval` and `bench`: the default model as users run it, plus forced decoding.
+
+One engine serves every policy of a run: the server-wide policy is `none` with prefix caching off,
+and each request picks its policy and budget through `extra_args` (the OpenAI body's `vllm_xargs`),
+exactly like a per-request override on `vllm serve`.
+
+`ForceTokens` is a per-request logits processor that makes a request emit the token ids listed in
+`extra_args["force_tokens"]`. With vLLM's default `logprobs_mode="raw_logprobs"` the returned
+logprob (and rank) of each emitted token is the model's own, before the processor: that is
+teacher-forced scoring of a continuation *after* the prompt was compacted, which prompt logprobs
+(computed during prefill, before any eviction) cannot give.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+FORCE_KEY = "force_tokens"
+
+
+def cpu_defaults(kv_gib: float | None = None) -> None:
+    """The CPU settings of DESIGN.md section 2, unless the caller set them (must run before vLLM imports)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: inspectable
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if kv_gib is not None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
+
+
+def is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def force_tokens_processor():
+    """The ForceTokens logits-processor class (built lazily: vLLM is imported only here)."""
+    import torch
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class ForceTokens(AdapterLogitsProcessor):
+        @classmethod
+        def validate_params(cls, params) -> None:
+            forced = (params.extra_args or {}).get(FORCE_KEY)
+            if forced is not None and not (isinstance(forced, list) and all(isinstance(t, int) for t in forced)):
+                raise ValueError(f"{FORCE_KEY} must be a list of token ids, got {forced!r}")
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def new_req_logits_processor(self, params):
+            forced = (params.extra_args or {}).get(FORCE_KEY)
+            if not forced:
+                return None
+
+            def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+                step = len(output_ids)
+                if step < len(forced):
+                    target = forced[step]
+                    logits.fill_(float("-inf"))
+                    logits[target] = 0.0
+                return logits
+
+            return force
+
+    return ForceTokens
+
+
+def make_llm(model: str, max_model_len: int, *, block_size: int = 128, kv_blocks: int | None = None,
+             max_num_seqs: int | None = None, force_tokens: bool = False, **extra: Any):
+    """An LLM for the default settings of this machine (fp32 + eager on CPU) that serves every policy."""
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=model, max_model_len=max_model_len, block_size=block_size, seed=0, enable_prefix_caching=False,
+        additional_config={"kv_evict": {"policy": "none"}},
+    )
+    if is_cpu():
+        kwargs.update(dtype="float32", enforce_eager=True)
+    if kv_blocks is not None:
+        kwargs["num_gpu_blocks_override"] = kv_blocks
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
+    if force_tokens:
+        kwargs["logits_processors"] = [force_tokens_processor()]
+    kwargs.update(extra)
+    return LLM(**kwargs)
+
+
+def policy_args(policy: str, budget: int | float | None) -> dict[str, Any]:
+    """The per-request override for (policy, budget): what a client puts in `vllm_xargs`."""
+    if policy == "none":
+        return {"kv_policy": "none"}
+    return {"kv_policy": policy, "kv_budget": budget}
+
+
+def parse_budget(text: str) -> int | float:
+    """'256' -> 256 tokens; '0.125' -> an eighth of the prompt."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"budget {text!r} is neither a token count nor a ratio in (0, 1)") from None
+    if value >= 1:
+        if value != int(value):
+            raise ValueError(f"budget {text!r}: a token count must be a whole number")
+        return int(value)
+    if value <= 0:
+        raise ValueError(f"budget {text!r} must be > 0 (tokens) or in (0, 1) (a ratio of the prompt)")
+    return value
