@@ -26,7 +26,7 @@ SERVE_ENV   := VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) VLLM_CPU_NUM_OF_RESERVED_CPU=0
 DEVICE_ARGS := --dtype float32 --enforce-eager
 endif
 
-.PHONY: setup serve test model lock clean-venv
+.PHONY: setup serve test model lock clean-venv results
 
 setup: $(STAMP)
 
@@ -56,6 +56,16 @@ serve: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The full quality and capacity runs behind docs/results.md (about 1 hour on 2 CPU cores; not part of `test`).
+EVAL_ARGS ?= --context 1024,2048,4096 --policy-context 1024 --budgets 128,256,512 \
+	--tasks passkey,niah,niah_multikey,niah_multivalue,agreement,ppl --depths 0.1,0.5,0.9 --samples 2
+CAPACITY_ARGS ?= --policies streamingllm,snapkv,pyramidkv,ada-snapkv,ada-pyramidkv,vatp,nacl --budget 256 \
+	--kv-blocks 48 --requests 12 --prompt-len 2048 --max-tokens 128
+results: setup
+	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_ARGS) --out docs/results/eval
+	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_ARGS) --out docs/results/capacity
+	$(BIN)/python scripts/results_md.py
 
 # Rebuild the CPU lock from the current environment (after adding a dependency by hand).
 lock:

@@ -1,0 +1,143 @@
+"""Head-lane addressing, packing and the torch reference attention (vllm_kvevict.lanes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_kvevict.lanes import LaneMap, allocate_lanes, lane_attention, lane_counts, pack_lanes
+
+
+def test_allocate_lanes_is_exact_and_bounded():
+    lanes = allocate_lanes([300, 20, 64], 12, 32, capacity=400)
+    assert sum(lanes) == 12 and lanes[0] > lanes[2] > 0 and lanes[1] >= 1
+    # a head cannot take more lanes than its candidates fill
+    lanes = allocate_lanes([1000, 0, 0], 9, 32, capacity=64)
+    assert lanes == [2, 2, 2]  # capped at ceil(64/32); the rest is unassignable
+    # min_lanes: every head keeps at least one lane even with a zero budget
+    assert min(allocate_lanes([500, 0, 0, 0], 8, 32, capacity=1000)) == 1
+    # too few lanes for the floors: give back from the largest
+    assert sum(allocate_lanes([10, 10, 10, 10], 2, 32, capacity=100)) == 2
+    # largest remainder: 40/32 has a larger fractional part than 33/32
+    assert allocate_lanes([33, 40], 3, 32, capacity=100) == [1, 2]
+
+
+@pytest.mark.parametrize("lengths,bs", [([5, 0, 64, 33], 32), ([32, 32, 32], 32), ([1, 95], 16), ([0, 0, 7], 8)])
+def test_lane_map_addresses_are_disjoint_and_packed(lengths, bs):
+    lanes = LaneMap.build(lengths, bs)
+    h = len(lengths)
+    assert lanes.total_lanes == sum(math.ceil(n / bs) for n in lengths)
+    assert lanes.num_blocks == math.ceil(lanes.total_lanes / h)
+    seen = set()
+    for head in range(h):
+        r, lane, slot = lanes.addresses(head)
+        assert r.numel() == lengths[head]
+        for a in zip(r.tolist(), lane.tolist(), slot.tolist()):
+            assert a not in seen
+            seen.add(a)
+        assert (r < lanes.num_blocks).all() and (lane < h).all() and (slot < bs).all()
+    assert len(seen) == sum(lengths)
+
+
+def _cache(num_blocks, heads, bs, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num_blocks, heads, bs, dim, generator=g), torch.randn(num_blocks, heads, bs, dim, generator=g)
+
+
+def _kept(lengths, region, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.sort(torch.randperm(region, generator=g)[:n]).values for n in lengths]
+
+
+def _case(heads, bs, lengths, prompt_blocks, tail_len, seed, cpu_layout=False):
+    """A request with a permuted block row: prompt_blocks full blocks, then tail blocks."""
+    dim = 16
+    tail_blocks = math.ceil(tail_len / bs)
+    num_blocks = prompt_blocks + tail_blocks + 5
+    g = torch.Generator().manual_seed(seed + 1)
+    row = torch.randperm(num_blocks, generator=g)[: prompt_blocks + tail_blocks]
+    if cpu_layout:  # vLLM's CPU layout: keys transposed per (block, head)
+        from vllm_kvevict.integration.vllm.paged_cpu import kv_views
+
+        cache = torch.randn(num_blocks, heads, bs, 2 * dim, generator=g)
+        k_view, values = kv_views(cache)
+        keys = k_view.transpose(-1, -2)
+    else:
+        keys, values = _cache(num_blocks, heads, bs, dim, seed)
+    kept = _kept(lengths, prompt_blocks * bs, seed)
+    # what each head should see afterwards: its kept tokens, then its tail, read before packing
+    expect = []
+    for h, pos in enumerate(kept):
+        src = row[pos // bs]
+        t = torch.arange(tail_len)
+        tb = row[prompt_blocks + t // bs]
+        expect.append((torch.cat([keys[src, h, pos % bs], keys[tb, h, t % bs]]).clone(),
+                       torch.cat([values[src, h, pos % bs], values[tb, h, t % bs]]).clone()))
+    lanes = LaneMap.build(lengths, bs)
+    pack_lanes(keys, values, row, kept, lanes)
+    # the tail moves to right after the compacted blocks (the scheduler frees the ones in between)
+    n = lanes.num_blocks
+    new_row = torch.cat([row[:n], row[prompt_blocks:]])
+    return keys, values, new_row, lanes, n, expect
+
+
+CASES = [
+    # heads, bs, lengths (ragged, a zero head, lane-boundary ends), prompt blocks, tail
+    (3, 16, [5, 0, 32], 4, 7),
+    (3, 16, [48, 16, 1], 4, 16),
+    (4, 32, [33, 64, 0, 95], 5, 1),
+    (2, 8, [8, 8], 3, 20),
+    (1, 16, [17], 3, 3),
+]
+
+
+@pytest.mark.parametrize("heads,bs,lengths,prompt_blocks,tail", CASES)
+@pytest.mark.parametrize("cpu_layout", [False, True])
+def test_pack_lanes_then_gather_returns_each_heads_kept_tokens(heads, bs, lengths, prompt_blocks, tail, cpu_layout):
+    from vllm_kvevict.lanes import gather_head
+
+    keys, values, row, lanes, n, expect = _case(heads, bs, lengths, prompt_blocks, tail, seed=heads * 7 + bs,
+                                                cpu_layout=cpu_layout)
+    assert n <= prompt_blocks
+    for h in range(heads):
+        k, v = gather_head(keys, values, row, lanes, h, n, tail)
+        assert torch.equal(k, expect[h][0]) and torch.equal(v, expect[h][1])
+
+
+def dense_reference(query, expect, lengths, tail, scale):
+    """Per head: plain attention over the kept tokens gathered before packing, causal in the tail."""
+    num_q, num_qh, _ = query.shape
+    heads = len(lengths)
+    group = num_qh // heads
+    out = torch.empty(num_q, num_qh, query.shape[-1], dtype=torch.float64)
+    for qi in range(num_q):
+        visible_tail = tail - num_q + qi + 1
+        for qh in range(num_qh):
+            h = qh // group
+            k, v = expect[h]
+            n = lengths[h] + visible_tail
+            p = torch.softmax((k[:n].double() @ query[qi, qh].double()) * scale, dim=0)
+            out[qi, qh] = p @ v[:n].double()
+    return out
+
+
+@pytest.mark.parametrize("heads,bs,lengths,prompt_blocks,tail", CASES)
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("num_q", [1, 3])
+def test_lane_attention_equals_dense_attention_over_kept_tokens(heads, bs, lengths, prompt_blocks, tail, group, num_q):
+    num_q = min(num_q, tail)  # a chunk lies inside the tail
+    keys, values, row, lanes, n, expect = _case(heads, bs, lengths, prompt_blocks, tail, seed=3)
+    query = torch.randn(num_q, heads * group, keys.shape[-1], generator=torch.Generator().manual_seed(9))
+    scale = keys.shape[-1] ** -0.5
+    got = lane_attention(query, keys, values, row, lanes, n, tail, scale)
+    want = dense_reference(query, expect, lengths, tail, scale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lane_counts_and_errors():
+    assert lane_counts([0, 1, 16, 17], 16) == [0, 1, 1, 2]
+    keys, values = _cache(4, 2, 8, 4, 0)
+    with pytest.raises(ValueError, match="head 1 keeps 3 tokens, its lanes hold 2"):
+        pack_lanes(keys, values, torch.arange(4), [torch.arange(2), torch.arange(3)], LaneMap.build([2, 2], 8))

@@ -1,0 +1,179 @@
+"""Head-lane addressing of a request's compacted KV region: ragged per-head lengths (Ada-KV).
+
+vLLM gives every KV head the same slice of every block. A *lane* is one such slice: `block_size`
+slots of one (block, head) pair. Inside a request's compacted blocks we stop tying lanes to heads:
+each (layer, KV head) owns its own run of lanes and its own length, so a head that keeps 3 lanes'
+worth of tokens and a head that keeps 1 together use 4 lanes, not 2 x 3. The tail stays standard.
+
+    request block row:  | c0          | c1          | c2          | freed ...   | t0 ... (tail)
+    lanes of a block:   | L0  L1  L2  | L3  L4  L5  | L6  L7  L8  |             |  (H_kv = 3)
+    global lane         g = b * H_kv + j          (block b of the row, lane j inside it)
+
+    head h owns lanes   [start_h, start_h + count_h),  start_h = count_0 + ... + count_(h-1)
+    kept token i of h   lane start_h + i // bs, slot i % bs
+    physical address    (row[g // H_kv], g % H_kv, slot)            (block, lane, slot)
+    tail token t of h   (row[n + t // bs], h, t % bs)               as vLLM wrote it
+
+    compacted blocks n = ceil(sum_h count_h / H_kv), maxed over layers (every layer shares the row)
+
+Everything here is torch on a neutral cache view: keys and values as [num_blocks, H_kv, bs, D]
+(any strides: vLLM's CPU layout and the CUDA flash layout are both such views). `lane_attention`
+is the torch twin of `vllm_kvevict.kernels.lane_attention` and the CPU path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def lane_counts(lengths: Sequence[int], block_size: int) -> list[int]:
+    """Lanes each head needs for its kept tokens (a head with 0 tokens needs none)."""
+    return [math.ceil(n / block_size) for n in lengths]
+
+
+def lane_starts(counts: Sequence[int]) -> list[int]:
+    """First global lane of each head (exclusive prefix sum of the counts)."""
+    starts, acc = [], 0
+    for c in counts:
+        starts.append(acc)
+        acc += c
+    return starts
+
+
+def blocks_for_lanes(total_lanes: int, num_kv_heads: int) -> int:
+    return math.ceil(total_lanes / num_kv_heads)
+
+
+def allocate_lanes(token_counts: Sequence[int], total_lanes: int, block_size: int, capacity: int,
+                   min_lanes: int = 1) -> list[int]:
+    """Round per-head token budgets to whole lanes, summing to exactly `total_lanes` where possible.
+
+    Largest remainder: each head first gets floor(count / bs) lanes (at least `min_lanes`), then the
+    leftover lanes go to the largest fractional parts (ties: lower head). No head gets more lanes
+    than `ceil(capacity / bs)` (it has only `capacity` candidate tokens). Memory is then exactly
+    `total_lanes` lanes, and every lane is full: a head fills its last lane with its next-best tokens.
+    """
+    num_heads = len(token_counts)
+    if num_heads == 0:
+        raise ValueError("allocate_lanes needs at least one head")
+    cap = math.ceil(capacity / block_size) if capacity > 0 else 0
+    floor = min(min_lanes, cap)
+    lanes = [min(cap, max(floor, c // block_size)) for c in token_counts]
+    left = total_lanes - sum(lanes)
+    order = sorted(range(num_heads), key=lambda h: (-(token_counts[h] % block_size), h))
+    while left > 0:  # hand out the rest by fractional part, round robin until full
+        progressed = False
+        for h in order:
+            if left == 0:
+                break
+            if lanes[h] < cap:
+                lanes[h] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            break
+    while left < 0:  # floors overshot (many heads, few lanes): take back from the largest
+        h = max(range(num_heads), key=lambda i: (lanes[i], -i))
+        if lanes[h] <= 0:
+            break
+        lanes[h] -= 1
+        left += 1
+    return lanes
+
+
+@dataclass(frozen=True)
+class LaneMap:
+    """One layer's lane assignment for one request: per-head start lane and token count."""
+
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    block_size: int
+
+    @classmethod
+    def build(cls, lengths: Sequence[int], block_size: int) -> "LaneMap":
+        return cls(tuple(lane_starts(lane_counts(lengths, block_size))), tuple(int(n) for n in lengths), block_size)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def total_lanes(self) -> int:
+        return sum(lane_counts(self.lengths, self.block_size))
+
+    @property
+    def num_blocks(self) -> int:
+        return blocks_for_lanes(self.total_lanes, self.num_heads)
+
+    def addresses(self, head: int, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row index, lane, slot) of the first `num` (default: all) kept tokens of `head`."""
+        n = self.lengths[head] if num is None else num
+        i = torch.arange(n)
+        g = self.starts[head] + i // self.block_size
+        return g // self.num_heads, g % self.num_heads, i % self.block_size
+
+
+def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept: Sequence[torch.Tensor],
+               lanes: LaneMap) -> None:
+    """In place: head h's kept positions (standard addressing) move to its lanes, in the given order.
+
+    keys, values: [num_blocks, H_kv, bs, D] views of one layer's cache; row: the request's block row.
+    Everything kept is read into a temporary first: sources and destinations share the leading blocks.
+    """
+    bs = lanes.block_size
+    if len(kept) != lanes.num_heads or keys.shape[1] != lanes.num_heads:
+        raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}, the cache {keys.shape[1]}")
+    staged = []
+    for h, pos in enumerate(kept):
+        if pos.numel() != lanes.lengths[h]:
+            raise ValueError(f"head {h} keeps {pos.numel()} tokens, its lanes hold {lanes.lengths[h]}")
+        blocks = row[pos // bs].long()
+        staged.append((keys[blocks, h, pos % bs].clone(), values[blocks, h, pos % bs].clone()))
+    for h, (k, v) in enumerate(staged):
+        r, lane, slot = lanes.addresses(h)
+        blocks = row[r].long()
+        keys[blocks, lane, slot] = k
+        values[blocks, lane, slot] = v
+
+
+def gather_head(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, lanes: LaneMap, head: int,
+                num_compacted: int, tail_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense K, V [len_h + tail_len, D] of one head: its lanes, then its tail tokens."""
+    r, lane, slot = lanes.addresses(head)
+    blocks = row[r].long()
+    t = torch.arange(tail_len)
+    tail_blocks = row[num_compacted + t // lanes.block_size].long()
+    k = torch.cat([keys[blocks, lane, slot], keys[tail_blocks, head, t % lanes.block_size]])
+    v = torch.cat([values[blocks, lane, slot], values[tail_blocks, head, t % lanes.block_size]])
+    return k, v
+
+
+def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
+                   lanes: LaneMap, num_compacted: int, tail_len: int, scale: float) -> torch.Tensor:
+    """Attention of the last `Nq` tail tokens' queries over compacted lanes + tail (torch twin, CPU path).
+
+    query [Nq, H_q, D] are the queries of tail tokens tail_len - Nq .. tail_len - 1 (a decode step has
+    Nq = 1; a prefill chunk after a compaction has more). Every compacted token precedes the tail, so
+    it is visible to every query; tail tokens are causal. GQA: query head q reads KV head q // G.
+    Returns [Nq, H_q, D] in the query's dtype (computed in fp32).
+    """
+    num_q, num_qh, _ = query.shape
+    group = num_qh // lanes.num_heads
+    if tail_len < num_q:
+        raise ValueError(f"tail_len={tail_len} must cover the {num_q} query tokens")
+    out = torch.empty_like(query)
+    qpos = torch.arange(tail_len - num_q, tail_len)  # tail positions of the queries
+    for h in range(lanes.num_heads):
+        k, v = gather_head(keys, values, row, lanes, h, num_compacted, tail_len)
+        n_c = lanes.lengths[h]
+        visible = torch.ones(num_q, n_c + tail_len, dtype=torch.bool)
+        visible[:, n_c:] = torch.arange(tail_len).unsqueeze(0) <= qpos.unsqueeze(1)
+        q = query[:, h * group : (h + 1) * group].float()  # [Nq, G, D]
+        s = torch.einsum("ngd,td->ngt", q, k.float()) * scale
+        s = s.masked_fill(~visible.unsqueeze(1), float("-inf"))
+        out[:, h * group : (h + 1) * group] = torch.einsum("ngt,td->ngd", torch.softmax(s, dim=-1), v.float()).to(query.dtype)
+    return out
