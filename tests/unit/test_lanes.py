@@ -141,3 +141,83 @@ def test_lane_counts_and_errors():
     keys, values = _cache(4, 2, 8, 4, 0)
     with pytest.raises(ValueError, match="head 1 keeps 3 tokens, its lanes hold 2"):
         pack_lanes(keys, values, torch.arange(4), [torch.arange(2), torch.arange(3)], LaneMap.build([2, 2], 8))
+
+
+def _focus_view(seed=0):
+    """Head 0 attends diffusely (tiny keys), heads 1 and 2 focus on a few strongly aligned tokens."""
+    from vllm_kvevict.policies.plan import LayerView
+
+    g = torch.Generator().manual_seed(seed)
+    heads, group, T, D = 3, 3, 512, 16
+    queries = torch.randn(heads * group, 32, D, generator=g) * 0.1 + 1.0
+    keys = torch.randn(heads, T, D, generator=g) * 0.01
+    for h in (1, 2):
+        keys[h, torch.randperm(T - 32, generator=g)[:3]] = 4.0  # 3 tokens take the attention mass
+    return LayerView(keys=keys, values=torch.randn(heads, T, D, generator=g), queries=queries)
+
+
+def test_plan_lanes_ada_gives_diffuse_heads_more_lanes_at_the_same_memory():
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    view = _focus_view()
+    bs, total = 32, 12  # what a uniform 128-token budget costs: 4 lanes per head
+    ada = PolicyConfig.from_dict({"policy": "ada-snapkv", "budget": 128}).build()
+    plan = ada.plan_lanes(view, 512, total, bs)
+    lanes = lane_counts(plan.lengths, bs)
+    assert sum(lanes) == total and all(n % bs == 0 for n in plan.lengths)
+    assert lanes[0] > lanes[1] and lanes[0] > lanes[2] and min(lanes) >= 1
+    window = set(range(480, 512))  # SnapKV's observation window is kept by every head
+    assert all(window <= set(ix.tolist()) for ix in plan.indices)
+    # the focused heads keep their strongly attended tokens
+    for h in (1, 2):
+        hot = set((view.keys[h, :, 0] > 1).nonzero().flatten().tolist())
+        assert hot <= set(plan.indices[h].tolist())
+    uniform = PolicyConfig.from_dict({"policy": "snapkv", "budget": 128}).build()
+    plan_u = uniform.plan_lanes(view, 512, total, bs)
+    assert plan_u.lengths == [128, 128, 128]
+    assert [ix.tolist() for ix in plan_u.indices] == [ix.tolist() for ix in uniform.plan_rect(view, 512, 128).indices]
+
+
+def test_plan_lanes_keeps_everything_when_the_lanes_cover_the_region():
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    ada = PolicyConfig.from_dict({"policy": "ada-snapkv", "budget": 128}).build()
+    plan = ada.plan_lanes(_focus_view(), 64, 6, 32)
+    assert plan.lengths == [64, 64, 64] and plan.num_tokens == 64
+
+
+def _kept_mass(scores, lanes, bs, prot):
+    ordered = torch.sort(scores, dim=1, descending=True).values
+    return sum(float(ordered[h, : max(0, n * bs - prot)].sum()) for h, n in enumerate(lanes))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adakv_lanes_maximise_kept_score_mass(seed):
+    """Greedy over lane gains equals the brute-force best split of the lanes (3 heads, small sizes)."""
+    import itertools
+
+    from vllm_kvevict.policies.adakv import adakv_allocate_lanes
+
+    g = torch.Generator().manual_seed(seed)
+    heads, cand, bs, prot, total = 3, 40, 8, 3, 9
+    scores = torch.rand(heads, cand, generator=g) ** (1 + 6 * torch.rand(heads, 1, generator=g))  # mixed spread
+    lanes = adakv_allocate_lanes(scores, total, bs, prot)
+    assert sum(lanes) == total and min(lanes) >= 1
+    cap = math.ceil((prot + cand) / bs)
+    best = max(_kept_mass(scores, split, bs, prot) for split in itertools.product(range(1, cap + 1), repeat=heads)
+               if sum(split) == total)
+    assert _kept_mass(scores, lanes, bs, prot) == pytest.approx(best, rel=1e-6)
+
+
+def test_adakv_lanes_floor_and_edge_cases():
+    from vllm_kvevict.policies.adakv import adakv_allocate_lanes
+
+    peaked = torch.zeros(3, 64)
+    peaked[0] = 1.0  # head 0 wants everything
+    assert adakv_allocate_lanes(peaked, 9, 8, 0) == [7, 1, 1]
+    # alpha = 1: every head gets its share first, nothing is left to adapt
+    assert adakv_allocate_lanes(peaked, 9, 8, 0, floor_alpha=1.0) == [3, 3, 3]
+    # fewer lanes than heads: the protected floor is taken back from the largest
+    assert sum(adakv_allocate_lanes(peaked, 2, 8, 4)) == 2
+    with pytest.raises(ValueError, match="floor_alpha=2"):
+        adakv_allocate_lanes(peaked, 9, 8, 0, floor_alpha=2)

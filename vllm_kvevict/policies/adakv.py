@@ -57,3 +57,44 @@ def _global_counts(scores: torch.Tensor, k: int) -> torch.Tensor:
     # stable sort so that ties go to lower heads / earlier tokens deterministically
     top = torch.sort(flat, descending=True, stable=True).indices[:k]
     return torch.bincount(top // num_cand, minlength=num_heads)
+
+
+def adakv_allocate_lanes(scores: torch.Tensor, total_lanes: int, lane_size: int, protected: int,
+                         floor_alpha: float = 0.0) -> list[int]:
+    """Ada-KV at lane granularity: lanes per head, summing to `total_lanes` (the paged head-lane layout).
+
+    Memory is paid in lanes of `lane_size` slots, so the global top-B runs over whole lanes: a head's
+    k-th lane holds its next `lane_size` best candidates (after its `protected` tokens, which fill its
+    first lanes), worth their score sum. Scores sorted per head make these gains non-increasing, so
+    taking the best gains greedily maximises the kept score mass for the lane count, as the global
+    top-B does per token. Every head first gets the lanes its protected tokens and the safeguard floor
+    int(alpha * B / H) need (B = the candidate slots). Shapes: scores [H_kv, N] -> list of H_kv ints.
+    """
+    num_heads, num_cand = scores.shape
+    if not 0.0 <= floor_alpha <= 1.0:
+        raise ValueError(f"floor_alpha={floor_alpha!r} is out of range: expected a number in [0, 1]")
+    free = max(0, total_lanes * lane_size - protected * num_heads)
+    floor = min(num_cand, int((free // num_heads) * floor_alpha))
+    cap = -(-(protected + num_cand) // lane_size)
+    base = min(cap, max(1, -(-(protected + floor) // lane_size)))
+    lanes = [base] * num_heads
+    left = total_lanes - base * num_heads
+    if left <= 0:
+        return lanes if left == 0 else _take_back(lanes, -left)
+    ordered = torch.sort(scores.float(), dim=1, descending=True, stable=True).values
+    padded = torch.zeros(num_heads, cap * lane_size)
+    padded[:, protected : protected + num_cand] = ordered  # slot j of a head's lanes: protected first
+    gains = padded.view(num_heads, cap, lane_size).sum(dim=2)[:, base:]  # [H, cap - base], non-increasing
+    flat = gains.reshape(-1)
+    # ties go to lower heads and earlier lanes; a lane with no candidates left gains nothing
+    order = torch.sort(flat, descending=True, stable=True).indices[: min(left, flat.numel())]
+    extra = torch.bincount(order // gains.shape[1], minlength=num_heads) if gains.shape[1] else torch.zeros(num_heads)
+    return [b + int(e) for b, e in zip(lanes, extra)]
+
+
+def _take_back(lanes: list[int], count: int) -> list[int]:
+    lanes = list(lanes)
+    for _ in range(count):
+        h = max(range(len(lanes)), key=lambda i: (lanes[i], -i))
+        lanes[h] = max(0, lanes[h] - 1)
+    return lanes

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vllm_kvevict.policies.adakv import adakv_allocate
+from vllm_kvevict.policies.adakv import adakv_allocate, adakv_allocate_lanes
 from vllm_kvevict.policies.params import resolve_budget
 from vllm_kvevict.policies.plan import KeepPlan, LayerView
 from vllm_kvevict.policies.pyramid import pyramid_budgets
@@ -109,6 +109,37 @@ class EvictionPolicy:
         cand_scores = self._candidate_scores(view, candidates)
         counts = uniform_allocate(num_heads, (keep - protected.numel()) * num_heads, candidates.numel())
         chosen = self.choose(cand_scores, counts, view)
+        return KeepPlan(merge_kept(protected, candidates, chosen), region)
+
+    def plan_lanes(self, view: LayerView, region: int, total_lanes: int, block_size: int) -> KeepPlan:
+        """Ragged per-head plan for the head-lane layout (`vllm_kvevict.lanes`): `total_lanes` lanes of
+        `block_size` slots shared by the layer's KV heads, among the first `region` positions.
+
+        Memory is paid in lanes, so the allocation is made in lanes: Ada-KV's global top-B over whole
+        lanes (`adakv_allocate_lanes`), or an even split for uniform policies. Each head fills its lanes
+        completely with its best tokens, so the region costs exactly `total_lanes` lanes and no slot is
+        wasted. Protected positions inside the region are kept by every head.
+        """
+        from vllm_kvevict.lanes import allocate_lanes
+
+        num_tokens, num_heads = view.num_tokens, view.num_kv_heads
+        region = min(region, num_tokens)
+        if total_lanes * block_size >= region * num_heads:
+            return KeepPlan([torch.arange(region) for _ in range(num_heads)], region)
+        recent = self.recent_tokens(num_tokens)
+        protected = protected_positions(num_tokens, self.sink_tokens, recent)
+        protected = protected[protected < region]
+        n_prot = protected.numel()
+        candidates = candidate_positions(num_tokens, self.sink_tokens, recent)
+        candidates = candidates[candidates < region]
+        cand_scores = self._candidate_scores(view, candidates)
+        if self.allocator == "ada":
+            lanes = adakv_allocate_lanes(cand_scores, total_lanes, block_size, n_prot, self.floor_alpha)
+        else:
+            even = [total_lanes * block_size // num_heads] * num_heads
+            lanes = allocate_lanes(even, total_lanes, block_size, region, min_lanes=1)
+        keep = [min(candidates.numel(), max(0, min(n * block_size, region) - n_prot)) for n in lanes]
+        chosen = self.choose(cand_scores, keep, view)
         return KeepPlan(merge_kept(protected, candidates, chosen), region)
 
     def _candidate_scores(self, view: LayerView, candidates: torch.Tensor) -> torch.Tensor:
