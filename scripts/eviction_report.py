@@ -16,6 +16,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 POLICIES = ["none", "streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl"]
+if os.environ.get("REPORT_POLICIES"):  # a comma-separated subset, e.g. REPORT_POLICIES=none,ada-snapkv
+    POLICIES = os.environ["REPORT_POLICIES"].split(",")
 QUESTION = "What programming language is the text above about? Explain in a few sentences."
 
 

@@ -124,3 +124,19 @@ def plan_compaction(prompt_len: int, tokens_per_head: int, block_size: int, deco
     kept = min(full_blocks, max(1, math.ceil(want / block_size)))
     interval_blocks = math.ceil(decode_interval / block_size) if decode_interval > 0 else 0
     return Compaction(prompt_len, block_size, kept, full_blocks, interval_blocks)
+
+
+def layer_lanes(comp: Compaction, num_kv_heads: int, layer_tokens: int, max_tokens: int) -> int:
+    """Head-lanes a layer may use in the ragged layout (vllm_kvevict/lanes.py) of `comp`'s n blocks.
+
+    The layer with the most tokens per head (every layer, without a pyramid) uses all n * H_kv lanes:
+    exactly the memory of the uniform layout. A pyramid layer with fewer tokens uses proportionally
+    fewer lanes (its budget minus the tail, in lanes, at least one per head); the rows are shared by
+    all layers, so the request still holds n blocks.
+    """
+    full = comp.kept_blocks * num_kv_heads
+    if layer_tokens >= max_tokens:
+        return full
+    tail = comp.prompt_len - comp.compactable_tokens
+    want = math.ceil(num_kv_heads * max(0, layer_tokens - tail) / comp.block_size)
+    return min(full, max(num_kv_heads, want))

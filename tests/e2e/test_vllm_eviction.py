@@ -130,6 +130,47 @@ def test_policy_frees_the_blocks_the_rule_says_and_answers_fluently(llm, tok, pr
     assert "Python" in text, text  # the question asks which language the reference text is about
 
 
+@pytest.mark.parametrize("policy", ["ada-snapkv", "ada-pyramidkv"])
+def test_ada_policies_compact_into_ragged_head_lanes(llm, tok, prompt_a, policy):
+    """Every layer's heads keep different numbers of tokens in their own lanes, within the n blocks
+    the uniform rule reserves; attention reads them through the lane layout (the worker's LaneStore)."""
+    from vllm_kvevict.integration.vllm.settings import build_policy, request_config, server_config
+    from vllm_kvevict.integration.vllm.worker import lane_store
+    from vllm_kvevict.lanes import lane_counts
+    from vllm_kvevict.layout import layer_lanes
+
+    prompt_len = n_tokens(tok, prompt_a)
+    comp = compaction(llm, prompt_len, policy)
+    sched = scheduler(llm)
+    num_layers, heads = sched.kv_num_layers, 3
+    pol = build_policy(request_config(server_config(sched.vllm_config.additional_config), {"kv_policy": policy}))
+    rid = f"lanes-{policy}"
+    seen: dict[int, object] = {}
+
+    def on_step(_step):
+        request = find_request(llm, rid)
+        if request is not None and not seen:
+            maps = [lane_store().get(request.request_id, layer) for layer in range(num_layers)]
+            if all(m is not None for m in maps):
+                seen.update(enumerate(maps))
+
+    out = run_steps(llm, [(rid, prompt_a, greedy(kv_policy=policy))], on_step)
+    assert len(seen) == num_layers, "the lane layout was not used"
+    ragged = 0
+    for layer, lanes in seen.items():
+        want = layer_lanes(comp, heads, pol.tokens_per_head(prompt_len, layer, num_layers),
+                           pol.max_tokens_per_head(prompt_len, num_layers))
+        assert sum(lane_counts(lanes.lengths, BLOCK)) == want <= comp.kept_blocks * heads
+        assert lanes.num_blocks <= comp.kept_blocks
+        ragged += len(set(lanes.lengths)) > 1
+    assert ragged >= num_layers // 3, f"only {ragged} of {num_layers} layers gave heads different budgets"
+    run_steps(llm, [(f"{rid}-next", "Hello", greedy(max_tokens=2))])  # vLLM reports finished ids next step
+    assert len(lane_store()) == 0  # dropped once the request finished
+    text = tok.decode(out[rid], skip_special_tokens=True)
+    assert_fluent(text)
+    assert "Python" in text, text
+
+
 def test_decoding_past_the_budget_grows_the_tail(llm, tok, prompt_a):
     prompt_len = n_tokens(tok, prompt_a)
     comp = compaction(llm, prompt_len, "snapkv")
@@ -162,10 +203,12 @@ def _max_running(llm, requests):
     return out, peak[0]
 
 
-def test_freed_blocks_let_a_second_prompt_run_alongside(llm, prompt_a, prompt_b):
-    alone_a = run_steps(llm, [("alone-a", prompt_a, greedy())])["alone-a"]
-    alone_b = run_steps(llm, [("alone-b", prompt_b, greedy())])["alone-b"]
-    both, peak = _max_running(llm, [("both-a", prompt_a, greedy()), ("both-b", prompt_b, greedy())])
+@pytest.mark.parametrize("policy", ["snapkv", "ada-snapkv"])
+def test_freed_blocks_let_a_second_prompt_run_alongside(llm, prompt_a, prompt_b, policy):
+    p = greedy(kv_policy=policy)
+    alone_a = run_steps(llm, [("alone-a", prompt_a, p)])["alone-a"]
+    alone_b = run_steps(llm, [("alone-b", prompt_b, p)])["alone-b"]
+    both, peak = _max_running(llm, [("both-a", prompt_a, p), ("both-b", prompt_b, p)])
     assert peak == 2  # b was admitted while a was still decoding: a's freed blocks held b's prompt
     assert both["both-a"] == alone_a
     assert both["both-b"] == alone_b

@@ -23,8 +23,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_kvevict.integration.vllm.paged_cpu import check_isa, compact, gather_dense
-from vllm_kvevict.integration.vllm.worker import RowInfo, StepContext, current_step, query_store
+from vllm_kvevict.integration.vllm.paged_cpu import check_isa, compact, gather_dense, kv_views
+from vllm_kvevict.integration.vllm.worker import RowInfo, StepContext, current_step, lane_store, query_store
+from vllm_kvevict.lanes import LaneMap, lane_attention, pack_lanes
+from vllm_kvevict.layout import layer_lanes
 from vllm_kvevict.policies.plan import LayerView
 
 logger = logging.getLogger("vllm_kvevict")
@@ -37,6 +39,7 @@ class StepEviction:
     step: StepContext
     query_start: list[int]
     logical_rows: dict[int, torch.Tensor]  # row index -> logical block row (finishing prompts)
+    step_tables: torch.Tensor | None = None  # the logical block table (rows with head-lane layouts)
 
 
 class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -50,7 +53,9 @@ class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if any(row.compacted for row in step.rows):
             cm = _physical_metadata(cm, step)
         metadata = super().build(common_prefix_len, cm, fast_build)
-        metadata.kvevict = StepEviction(step, cm.query_start_loc_cpu.tolist(), logical_rows)
+        lanes = any(row.compacted and lane_store().get(row.req_id, 0) is not None for row in step.rows)
+        metadata.kvevict = StepEviction(step, cm.query_start_loc_cpu.tolist(), logical_rows,
+                                        block_table.clone() if lanes else None)
         return metadata
 
 
@@ -88,10 +93,33 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
                 check_isa(layer.isa)
             self._capture_queries(info, query)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if info is not None and info.logical_rows:
+        if info is not None:
+            self._ragged_attention(info, query, kv_cache, output)
             for i, row_table in info.logical_rows.items():
                 self._compact_row(info.step.rows[i], row_table, kv_cache, info.step.num_layers)
         return out
+
+    def _ragged_attention(self, info: StepEviction, query: torch.Tensor, kv_cache: torch.Tensor,
+                          output: torch.Tensor) -> None:
+        """Rows compacted in the head-lane layout: vLLM's kernel read their blocks as if every head owned
+        its lane; replace those rows' output with attention over each head's own lanes + the tail."""
+        if info.step_tables is None:
+            return
+        for i, row in enumerate(info.step.rows):
+            if not row.compacted:
+                continue
+            lanes = lane_store().get(row.req_id, self._kv_layer)
+            if lanes is None:
+                continue
+            comp = row.plan.compaction
+            first, last = info.query_start[i], info.query_start[i + 1]
+            tail_len = row.num_computed + row.num_scheduled - comp.compactable_tokens
+            physical_row = _physical_table(comp, info.step_tables[i], row.epoch)
+            keys, values = kv_views(kv_cache)
+            q = query[first:last]
+            out = output[first:last].view(last - first, q.shape[1], q.shape[2])
+            out.copy_(lane_attention(q, keys.transpose(-1, -2), values, physical_row, lanes,
+                                     comp.kept_blocks, tail_len, self.scale))
 
     def _capture_queries(self, info: StepEviction, query: torch.Tensor) -> None:
         for i, row in enumerate(info.step.rows):
@@ -100,6 +128,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
                 continue
             if row.num_computed == 0:
                 query_store().restart(row.req_id, self._kv_layer)  # a fresh (or recomputed) prefill
+                lane_store().restart(row.req_id, self._kv_layer)
             first, last = _window(row, target)
             if first >= last:
                 continue
@@ -122,7 +151,20 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             queries = torch.cat([c for _, c in chunks], dim=0).transpose(0, 1)  # [H_q, W, D]
         view = LayerView(keys, values, queries, query_start=query_start, layer=self._kv_layer, num_layers=num_layers)
         region = comp.physical_len(comp.tail_block(k) * comp.block_size, prev)
-        plan = row.plan.policy.plan_rect(view, region=region, keep=comp.kept_tokens)
+        policy = row.plan.policy
+        if k == 0 and getattr(policy, "allocator", None) == "ada":  # ragged heads: the head-lane layout
+            prompt = comp.prompt_len
+            lanes_total = layer_lanes(comp, keys.shape[0], policy.tokens_per_head(prompt, self._kv_layer, num_layers),
+                                      policy.max_tokens_per_head(prompt, num_layers))
+            plan = policy.plan_lanes(view, region, lanes_total, comp.block_size)
+            lanes = LaneMap.build(plan.lengths, comp.block_size)
+            if lanes.num_blocks > comp.kept_blocks:
+                raise RuntimeError(f"{policy.name}: lanes need {lanes.num_blocks} blocks, the plan keeps {comp.kept_blocks}")
+            k_view, v_view = kv_views(kv_cache)
+            pack_lanes(k_view.transpose(-1, -2), v_view, physical_row, plan.indices, lanes)
+            lane_store().put(row.req_id, self._kv_layer, lanes)
+            return
+        plan = policy.plan_rect(view, region=region, keep=comp.kept_tokens)
         compact(kv_cache, physical_row, torch.stack(plan.indices))
 
 

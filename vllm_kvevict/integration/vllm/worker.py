@@ -89,7 +89,42 @@ class QueryStore:
         return len(self._chunks)
 
 
+class LaneStore:
+    """Head-lane maps of requests compacted in the ragged layout: (request, layer) -> LaneMap.
+
+    Written by the compaction, read by attention every later step; dropped with the request (finished,
+    aborted) or when its prefill restarts (preemption + recompute compacts again)."""
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[str, int], object] = {}
+
+    def put(self, req_id: str, layer: int, lanes) -> None:
+        self._maps[(req_id, layer)] = lanes
+
+    def get(self, req_id: str, layer: int):
+        return self._maps.get((req_id, layer))
+
+    def restart(self, req_id: str, layer: int) -> None:
+        self._maps.pop((req_id, layer), None)
+
+    def purge(self, req_ids) -> None:
+        gone = set(req_ids)
+        if gone:
+            for key in [k for k in self._maps if k[0] in gone]:
+                del self._maps[key]
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
 _local = threading.local()
+
+
+def lane_store() -> LaneStore:
+    store = getattr(_local, "lanes", None)
+    if store is None:
+        store = _local.lanes = LaneStore()
+    return store
 
 
 def query_store() -> QueryStore:
@@ -148,6 +183,7 @@ def instrument_runner(runner, vllm_config) -> None:
 
     def update_states(scheduler_output, *args, **kwargs):
         query_store().purge(scheduler_output.finished_req_ids)  # finished or aborted
+        lane_store().purge(scheduler_output.finished_req_ids)
         return original_update(scheduler_output, *args, **kwargs)
 
     runner._build_attention_metadata = build_attention_metadata
