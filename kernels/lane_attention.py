@@ -7,7 +7,10 @@ Torch twin: `vllm_kvevict.lanes.lane_attention` (also the CPU path); the address
             physical (block_table[req, g // H_kv], g % H_kv, i % bs); all visible
     pass 2  the tail: token t at (block_table[req, n + t // bs], h, t % bs); visible if t <= qpos
 
-with an online softmax in fp32. Keys and values are [num_blocks, H_kv, bs, D] views with any strides,
+with an online softmax in fp32. Both passes are one index space j in [0, len_h + qpos + 1) (j < len_h: a
+lane token, else tail token j - len_h), which long contexts split across NUM_SPLITS programs
+(flash-decoding): each split writes its partial (max, sum, accumulator) and `_combine_kernel` merges
+them, so a batch of few decode queries still fills the GPU. Keys and values are [num_blocks, H_kv, bs, D] views with any strides,
 so vLLM's CPU layout (keys transposed per block and head) and the CUDA flash layout
 ([num_blocks, bs, H_kv, D]) are both accepted without a copy. Works with Triton 3.6 and 3.9.
 """
@@ -21,20 +24,26 @@ import triton.language as tl
 
 @triton.jit
 def _lane_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, start_ptr, hlen_ptr, ncomp_ptr, qreq_ptr, qpos_ptr,
-    sq_n, sq_h, sq_d, so_n, so_h, so_d,
+    q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, table_ptr, start_ptr, hlen_ptr, ncomp_ptr, qreq_ptr, qpos_ptr,
+    sq_n, sq_h, sq_d, so_n, so_h, so_s, so_d,
     sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
     s_table, s_meta, scale,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     qi = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     req = tl.load(qreq_ptr + qi)
     qpos = tl.load(qpos_ptr + qi)  # the query's position inside the tail
     start = tl.load(start_ptr + req * s_meta + h)
     hlen = tl.load(hlen_ptr + req * s_meta + h)
     ncomp = tl.load(ncomp_ptr + req)
+    total = hlen + qpos + 1  # the tokens this query sees: the head's lanes, then the tail up to itself
+    per_split = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(total, lo + per_split)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
@@ -46,19 +55,22 @@ def _lane_attention_kernel(
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     offs = tl.arange(0, BLOCK_N)
+    row = table_ptr + req * s_table
 
-    # pass 1: the compacted lanes of head h
-    for base in range(0, hlen, BLOCK_N):
-        i = base + offs
-        valid = i < hlen
-        lane = start + i // BLOCK_SIZE
-        block = tl.load(table_ptr + req * s_table + lane // NUM_KV_HEADS, mask=valid, other=0)
-        kv_h = lane % NUM_KV_HEADS
-        slot = i % BLOCK_SIZE
+    for base in range(lo, hi, BLOCK_N):
+        j = base + offs
+        valid = j < hi
+        in_lanes = j < hlen
+        lane = start + j // BLOCK_SIZE  # lane tokens: global lane g -> (row[g // H_kv], g % H_kv)
+        t = j - hlen  # tail tokens: (row[n + t // bs], h)
+        col = tl.where(in_lanes, lane // NUM_KV_HEADS, ncomp + t // BLOCK_SIZE)
+        block = tl.load(row + col, mask=valid, other=0).to(tl.int64)
+        kv_h = tl.where(in_lanes, lane % NUM_KV_HEADS, h)
+        slot = tl.where(in_lanes, j % BLOCK_SIZE, t % BLOCK_SIZE)
         kmask = valid[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + block[:, None] * sk_b + kv_h[:, None] * sk_h + slot[:, None] * sk_s + d[None, :] * sk_d,
+        k = tl.load(k_ptr + (block * sk_b + kv_h * sk_h + slot * sk_s)[:, None] + d[None, :] * sk_d,
                     mask=kmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + block[:, None] * sv_b + kv_h[:, None] * sv_h + slot[:, None] * sv_s + d[None, :] * sv_d,
+        v = tl.load(v_ptr + (block * sv_b + kv_h * sv_h + slot * sv_s)[:, None] + d[None, :] * sv_d,
                     mask=kmask, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -69,44 +81,63 @@ def _lane_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v)
         m = m_new
 
-    # pass 2: the tail, causal
-    for base in range(0, qpos + 1, BLOCK_N):
-        t = base + offs
-        valid = t <= qpos
-        block = tl.load(table_ptr + req * s_table + ncomp + t // BLOCK_SIZE, mask=valid, other=0)
-        slot = t % BLOCK_SIZE
-        kmask = valid[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + block[:, None] * sk_b + h * sk_h + slot[:, None] * sk_s + d[None, :] * sk_d,
-                    mask=kmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + block[:, None] * sv_b + h * sv_h + slot[:, None] * sv_s + d[None, :] * sv_d,
-                    mask=kmask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
-        m = m_new
+    heads = h * GROUP + g
+    omask = gmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l[:, None]
+        tl.store(o_ptr + qi * so_n + heads[:, None] * so_h + d[None, :] * so_d,
+                 out.to(o_ptr.dtype.element_ty), mask=omask)
+    else:  # partials: [Nq, H_q, S, D] accumulators and [Nq, H_q, S] max / sum (an empty split: -inf / 0)
+        part = (qi * (NUM_KV_HEADS * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(o_ptr + part[:, None] * DIM_PAD + d[None, :], acc, mask=omask)
+        tl.store(m_ptr + part, m, mask=gmask)
+        tl.store(l_ptr + part, l, mask=gmask)
 
-    out = acc / l[:, None]
-    tl.store(o_ptr + qi * so_n + (h * GROUP + g)[:, None] * so_h + d[None, :] * so_d,
-             out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+
+@triton.jit
+def _combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, so_n, so_h, so_d, num_qh,
+                    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_PAD: tl.constexpr):
+    qi = tl.program_id(0)
+    qh = tl.program_id(1)
+    sp = tl.arange(0, SPLIT_PAD)
+    d = tl.arange(0, DIM_PAD)
+    smask = sp < NUM_SPLITS
+    part = (qi * num_qh + qh) * NUM_SPLITS + sp
+    m = tl.load(m_ptr + part, mask=smask, other=float("-inf"))
+    l = tl.load(l_ptr + part, mask=smask, other=0.0)
+    acc = tl.load(acc_ptr + part[:, None] * DIM_PAD + d[None, :], mask=smask[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))  # split 0 always has tokens, so the max is finite
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(o_ptr + qi * so_n + qh * so_h + d * so_d, out.to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def choose_splits(num_queries: int, num_kv_heads: int, max_tokens: int, block_n: int = 32,
+                  num_sms: int = 132) -> int:
+    """Splits per (query, KV head): enough programs for two waves over the SMs, each with >= 4 tiles."""
+    if max_tokens <= 0:
+        return 1
+    want = triton.cdiv(2 * num_sms, max(1, num_queries * num_kv_heads))
+    most = max(1, max_tokens // (4 * block_n))
+    return int(max(1, min(want, most, 64)))
 
 
 def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_table: torch.Tensor,
                    lane_start: torch.Tensor, head_len: torch.Tensor, num_compacted: torch.Tensor,
-                   query_req: torch.Tensor, query_pos: torch.Tensor, scale: float, block_n: int = 32) -> torch.Tensor:
+                   query_req: torch.Tensor, query_pos: torch.Tensor, scale: float, block_n: int = 32,
+                   num_splits: int = 1) -> torch.Tensor:
     """Batched lane attention.
 
     query [Nq, H_q, D]; keys, values [num_blocks, H_kv, bs, D] (any strides); block_table [B, max_blocks]
     (the compacted blocks first, then the tail's); lane_start, head_len [B, H_kv]; num_compacted [B];
-    query_req [Nq] (its request) and query_pos [Nq] (its position in the tail). Returns [Nq, H_q, D].
+    query_req [Nq] (its request) and query_pos [Nq] (its position in the tail). `num_splits` partitions
+    each query's tokens (`choose_splits` picks one for long decode contexts). Returns [Nq, H_q, D].
     """
     num_q, num_qh, dim = query.shape
     num_kv = keys.shape[1]
     if num_qh % num_kv:
         raise ValueError(f"{num_qh} query heads are not a multiple of {num_kv} KV heads")
+    if num_splits < 1:
+        raise ValueError(f"num_splits={num_splits} must be >= 1")
     group = num_qh // num_kv
     out = torch.empty_like(query)
     if num_q == 0:
@@ -115,11 +146,24 @@ def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     table, start, hlen = i32(block_table), i32(lane_start), i32(head_len)
     if start.stride(0) != hlen.stride(0):
         raise ValueError("lane_start and head_len must have the same [B, H_kv] shape")
-    _lane_attention_kernel[(num_q, num_kv)](
-        query, keys, values, out, table, start, hlen, i32(num_compacted), i32(query_req), i32(query_pos),
-        *query.stride(), *out.stride(), *keys.stride(), *values.stride(),
+    dim_pad = max(16, triton.next_power_of_2(dim))
+    if num_splits == 1:
+        target, m_buf, l_buf, o_strides = out, out, out, (out.stride(0), out.stride(1), 0, out.stride(2))
+    else:
+        target = torch.empty(num_q, num_qh, num_splits, dim_pad, dtype=torch.float32, device=query.device)
+        m_buf = torch.empty(num_q, num_qh, num_splits, dtype=torch.float32, device=query.device)
+        l_buf = torch.empty_like(m_buf)
+        o_strides = target.stride()
+    _lane_attention_kernel[(num_q, num_kv, num_splits)](
+        query, keys, values, target, m_buf, l_buf, table, start, hlen, i32(num_compacted), i32(query_req),
+        i32(query_pos), *query.stride(), *o_strides, *keys.stride(), *values.stride(),
         table.stride(0), start.stride(0), scale,
         NUM_KV_HEADS=num_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=dim, DIM_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_SIZE=keys.shape[2], BLOCK_N=block_n,
+        HEAD_DIM=dim, DIM_PAD=dim_pad, BLOCK_SIZE=keys.shape[2], BLOCK_N=block_n, NUM_SPLITS=num_splits,
     )
+    if num_splits > 1:
+        _combine_kernel[(num_q, num_qh)](
+            target, m_buf, l_buf, out, *out.stride(), num_qh,
+            HEAD_DIM=dim, DIM_PAD=dim_pad, NUM_SPLITS=num_splits, SPLIT_PAD=triton.next_power_of_2(num_splits),
+        )
     return out

@@ -117,6 +117,27 @@ class LaneMap:
         return g // self.num_heads, g % self.num_heads, i % self.block_size
 
 
+def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneMap, block_size: int
+                   ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Where each kept token is read from and written to: ((block, head, slot), (block, lane, slot)).
+
+    Sources use standard addressing (head h's position p at (row[p // bs], h, p % bs)); destinations
+    are the head's lanes in order. All six tensors have one entry per kept token, heads concatenated.
+    Shared by the torch twin below and the Triton kernel (`vllm_kvevict.kernels.lane_pack`).
+    """
+    if len(kept) != lanes.num_heads:
+        raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}")
+    src, dst = [], []
+    for h, pos in enumerate(kept):
+        if pos.numel() != lanes.lengths[h]:
+            raise ValueError(f"head {h} keeps {pos.numel()} tokens, its lanes hold {lanes.lengths[h]}")
+        pos = pos.to(row.device).long()
+        src.append((row[pos // block_size].long(), torch.full_like(pos, h), pos % block_size))
+        r, lane, slot = (t.to(row.device) for t in lanes.addresses(h))
+        dst.append((row[r].long(), lane, slot))
+    return tuple(torch.cat(parts) for parts in zip(*src)), tuple(torch.cat(parts) for parts in zip(*dst))
+
+
 def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept: Sequence[torch.Tensor],
                lanes: LaneMap) -> None:
     """In place: head h's kept positions (standard addressing) move to its lanes, in the given order.
@@ -124,20 +145,12 @@ def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept
     keys, values: [num_blocks, H_kv, bs, D] views of one layer's cache; row: the request's block row.
     Everything kept is read into a temporary first: sources and destinations share the leading blocks.
     """
-    bs = lanes.block_size
-    if len(kept) != lanes.num_heads or keys.shape[1] != lanes.num_heads:
-        raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}, the cache {keys.shape[1]}")
-    staged = []
-    for h, pos in enumerate(kept):
-        if pos.numel() != lanes.lengths[h]:
-            raise ValueError(f"head {h} keeps {pos.numel()} tokens, its lanes hold {lanes.lengths[h]}")
-        blocks = row[pos // bs].long()
-        staged.append((keys[blocks, h, pos % bs].clone(), values[blocks, h, pos % bs].clone()))
-    for h, (k, v) in enumerate(staged):
-        r, lane, slot = lanes.addresses(h)
-        blocks = row[r].long()
-        keys[blocks, lane, slot] = k
-        values[blocks, lane, slot] = v
+    if keys.shape[1] != lanes.num_heads:
+        raise ValueError(f"the lane map has {lanes.num_heads} heads, the cache {keys.shape[1]}")
+    src, dst = pack_addresses(row, kept, lanes, lanes.block_size)
+    staged_k, staged_v = keys[src].clone(), values[src].clone()
+    keys[dst] = staged_k
+    values[dst] = staged_v
 
 
 def gather_head(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, lanes: LaneMap, head: int,

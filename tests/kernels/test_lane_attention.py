@@ -27,7 +27,8 @@ def _request(heads, bs, lengths, tail, num_blocks, gen):
 
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("bs,dim,block_n", [(16, 16, 16), (32, 64, 32), (16, 24, 32)])
-def test_kernel_matches_twin_on_a_ragged_batch(group, bs, dim, block_n):
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_matches_twin_on_a_ragged_batch(group, bs, dim, block_n, num_splits):
     gen = torch.Generator().manual_seed(group * 100 + bs + dim)
     heads = 3
     # odd lengths, a head with nothing kept, lengths ending exactly on a lane boundary, a 1-token tail
@@ -55,7 +56,8 @@ def test_kernel_matches_twin_on_a_ragged_batch(group, bs, dim, block_n):
     num_comp = torch.tensor([m[0][1] for m in metas])
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     got = lane_attention(dev(torch.cat(q_list)), dev(keys), dev(values), dev(table), dev(lane_start), dev(head_len),
-                         dev(num_comp), dev(torch.tensor(q_req)), dev(torch.tensor(q_pos)), scale, block_n=block_n)
+                         dev(num_comp), dev(torch.tensor(q_req)), dev(torch.tensor(q_pos)), scale, block_n=block_n,
+                         num_splits=num_splits)
     tol = 1e-5 if DEVICE == "cpu" else 2e-2  # tf32 dots on GPU
     torch.testing.assert_close(got.cpu(), torch.cat(expected), rtol=tol, atol=tol)
 
@@ -77,6 +79,14 @@ def test_kernel_reads_a_strided_cpu_layout_view():
                          torch.tensor([0, 0]).to(DEVICE), torch.tensor([7, 8]).to(DEVICE), 0.25)
     tol = 1e-5 if DEVICE == "cpu" else 2e-2
     torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+
+
+def test_choose_splits_fills_the_gpu_without_tiny_splits():
+    choose = kernel_module("lane_attention").choose_splits
+    assert choose(1, 8, 128 * 1024) == 33  # one decode query: 8 heads x 33 splits >= two waves of 132 SMs
+    assert choose(64, 8, 128 * 1024) == 1  # a large batch already fills the GPU
+    assert choose(1, 8, 200, block_n=32) == 1  # too short to split into >= 4 tiles each
+    assert choose(1, 8, 0) == 1
 
 
 def test_bad_head_counts_are_refused():
