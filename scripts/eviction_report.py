@@ -1,7 +1,7 @@
 """One ~2K-token prompt through real vLLM under each policy: blocks before/after compaction, and the
 first generated tokens next to the full cache's. Prints a Markdown table.
 
-    .venv/bin/python scripts/eviction_report.py [--budget 256] [--max-tokens 40]
+    .venv/bin/python scripts/eviction_report.py [--budget 256] [--max-tokens 40] [--policies none,ada-snapkv]
 
 CPU settings of DESIGN.md section 2 (fp32, eager, in-process engine core so the scheduler can be read).
 """
@@ -16,14 +16,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 POLICIES = ["none", "streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl"]
-if os.environ.get("REPORT_POLICIES"):  # a comma-separated subset, e.g. REPORT_POLICIES=none,ada-snapkv
-    POLICIES = os.environ["REPORT_POLICIES"].split(",")
 QUESTION = "What programming language is the text above about? Explain in a few sentences."
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, in order")
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--context-tokens", type=int, default=1900)
     ap.add_argument("--question", default=QUESTION, help="asked after the context")
@@ -45,7 +44,7 @@ def main() -> None:
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
 
     rows = []
-    for policy in POLICIES:
+    for policy in args.policies.split(","):
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
                                 extra_args={"kv_policy": policy, "kv_budget": args.budget} if policy != "none"
                                 else {"kv_policy": "none"})

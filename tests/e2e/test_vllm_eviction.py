@@ -83,7 +83,8 @@ def test_none_and_budget_above_prompt_are_token_identical_to_stock_vllm(llm, pro
     stock = stock_generate([prompt_a, short_prompt], **SMALL_POOL)
     counters = scheduler(llm).kv_counters
     before = sum(counters.compactions.values())
-    for extra in ({"kv_policy": "none"}, {"kv_budget": 4096}, {"kv_policy": "streamingllm", "kv_budget": 3000}):
+    for extra in ({"kv_policy": "none"}, {"kv_budget": 4096}, {"kv_policy": "streamingllm", "kv_budget": 3000},
+                  {"kv_policy": "ada-snapkv", "kv_budget": 2048}):
         outs = llm.generate([prompt_a, short_prompt], greedy(**extra), use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in outs] == stock, extra
     # the short prompt under the server's own policy (prompt < budget): untouched
@@ -141,6 +142,8 @@ def test_ada_policies_compact_into_ragged_head_lanes(llm, tok, prompt_a, policy)
 
     prompt_len = n_tokens(tok, prompt_a)
     comp = compaction(llm, prompt_len, policy)
+    uniform = compaction(llm, prompt_len, policy.removeprefix("ada-"))
+    assert comp.kept_blocks == uniform.kept_blocks  # ragged heads cost what the uniform policy costs
     sched = scheduler(llm)
     num_layers, heads = sched.kv_num_layers, 3
     pol = build_policy(request_config(server_config(sched.vllm_config.additional_config), {"kv_policy": policy}))
@@ -240,7 +243,8 @@ def test_preemption_under_pool_pressure_gives_the_same_output(llm, tok, prompt_b
     assert out["p-b"] == alone_b
 
 
-@pytest.mark.parametrize("policy, after", [("snapkv", 10), ("vatp", 140)])  # vatp: after a decode-time compaction
+@pytest.mark.parametrize("policy, after", [("snapkv", 10), ("ada-snapkv", 10),
+                                           ("vatp", 140)])  # vatp: after a decode-time compaction
 def test_preempting_a_compacted_request_recomputes_it_to_the_same_output(llm, prompt_a, policy, after):
     params = greedy(max_tokens=160, kv_policy=policy)
     params.ignore_eos = True
@@ -262,7 +266,7 @@ def test_preempting_a_compacted_request_recomputes_it_to_the_same_output(llm, pr
     out = run_steps(llm, [("r-pre", prompt_a, params)], on_step)
     assert done[0]
     assert out["r-pre"] == reference
-    redone = 1 if policy == "snapkv" else 2  # the prompt's compaction, and vatp's first decode-time one
+    redone = 2 if policy == "vatp" else 1  # the prompt's compaction, and vatp's first decode-time one
     assert compactions[policy] - before == reference_compactions + redone
 
 

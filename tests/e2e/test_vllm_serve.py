@@ -155,6 +155,21 @@ def test_streaming_completion_and_chat(server, long_text):
     assert streamed == body["choices"][0]["message"]["content"]
 
 
+def test_ada_snapkv_override_is_compacted_and_answers(server, long_text):
+    """Over HTTP, an ada-snapkv request (the ragged head-lane path, tested in-process in
+    test_vllm_eviction.py) answers and frees exactly the blocks snapkv frees at the same budget."""
+    key = ("vllm_kvevict:compactions_total", "ada-snapkv")
+    before = metrics(server)
+    status, body = post(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 30,
+                                                    "temperature": 0, "vllm_xargs": {"kv_policy": "ada-snapkv"}})
+    assert status == 200, body
+    assert "Python" in body["choices"][0]["text"]
+    after = wait_for(server, key, before.get(key, 0) + 1)
+    assert after[key] == before.get(key, 0) + 1
+    freed = ("vllm_kvevict:freed_blocks_total", "ada-snapkv")
+    assert after[freed] - before.get(freed, 0) == 13
+
+
 def test_override_none_is_not_compacted(server, long_text):
     before = metrics(server)
     status, body = post(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 5,
