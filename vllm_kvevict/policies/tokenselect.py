@@ -59,11 +59,17 @@ def select_candidates(
     cand = keys[:, n_init : num_tokens - n_local].float()  # [H_kv, C, D]
     k = expand_kv(cand, query.shape[0] // keys.shape[0])
     scores = torch.einsum("hd,hcd->hc", query.float(), k)
-    vote = soft_vote(scores)
+    return vote_topk(scores, top_k, pool_kernel) + n_init
+
+
+def vote_topk(scores: torch.Tensor, k: int, pool_kernel: int = 0, vote_fn=soft_vote) -> torch.Tensor:
+    """Indices (into the candidates, sorted) of the top-k soft-vote totals of raw scores [H, C]
+    (`vote_fn`: the soft vote; the Triton kernel passes its fused one)."""
+    vote = vote_fn(scores)
     if pool_kernel > 1:
         vote = pool_scores(vote.unsqueeze(0), pool_kernel, "max").squeeze(0)
-    top = torch.topk(vote, min(top_k, vote.numel()), sorted=False).indices
-    return torch.sort(top).values + n_init
+    top = torch.topk(vote, min(k, vote.numel()), sorted=False).indices
+    return torch.sort(top).values
 
 
 def with_fixed_windows(picked: torch.Tensor, num_tokens: int, n_init: int, n_local: int) -> torch.Tensor:

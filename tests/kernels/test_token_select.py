@@ -1,0 +1,83 @@
+"""TokenSelect's Triton kernels against their torch twins (vllm_kvevict.selection), interpreted on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.conftest import DEVICE, kernel_module
+from tests.unit.test_selection import paged_case
+from vllm_kvevict import selection as twin
+from vllm_kvevict.policies.tokenselect import soft_vote as twin_vote, with_fixed_windows
+
+TOL = 1e-5 if DEVICE == "cpu" else 2e-2  # tf32 dots on GPU
+
+
+def ts():
+    return kernel_module("token_select")
+
+
+def dev(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("bs,dim,ctx", [(16, 16, 150), (32, 24, 333), (16, 64, 97)])
+def test_paged_scores_match_twin(group, bs, dim, ctx):
+    keys, _, row, _, _, query = paged_case(group=group, bs=bs, ctx=ctx, dim=dim, seed=group + bs)
+    positions = torch.arange(5, ctx - 7)
+    want = twin.paged_scores(query[0], keys, row, positions)
+    q, k, r, p = dev(query[0], keys, row, positions)
+    got = ts().paged_scores(q, k, r, p, block_c=32)
+    torch.testing.assert_close(got.cpu(), want, rtol=TOL, atol=TOL)
+
+
+def test_paged_scores_refuse_a_non_contiguous_range():
+    keys, _, row, _, _, query = paged_case()
+    with pytest.raises(ValueError, match="contiguous candidate range"):
+        ts().paged_scores(*dev(query[0], keys, row, torch.tensor([3, 5, 6])))
+
+
+@pytest.mark.parametrize("heads,cand", [(9, 1), (9, 300), (4, 1000), (1, 17)])
+def test_fused_soft_vote_matches_twin(heads, cand):
+    scores = torch.randn(heads, cand, generator=torch.Generator().manual_seed(cand)) * 4
+    torch.testing.assert_close(ts().soft_vote(scores.to(DEVICE), block_c=64).cpu(), twin_vote(scores),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [3, 40, 500])  # 500 > candidates: every candidate
+def test_vote_topk_matches_twin(k):
+    scores = torch.randn(6, 257, generator=torch.Generator().manual_seed(k))
+    got = ts().vote_topk(scores.to(DEVICE), k, pool_kernel=0).cpu()
+    assert torch.equal(got, twin.vote_topk(scores, k))
+    assert torch.equal(ts().vote_topk(scores.to(DEVICE), k, pool_kernel=5).cpu(), twin.vote_topk(scores, k, 5))
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("new,bs,dim", [(1, 16, 16), (6, 32, 24), (3, 16, 64)])
+def test_sparse_attention_matches_twin(group, new, bs, dim):
+    ctx = 211
+    keys, values, row, _, _, query = paged_case(group=group, bs=bs, ctx=ctx, new=new, dim=dim, seed=new * 7 + dim)
+    picked = torch.randperm(ctx, generator=torch.Generator().manual_seed(group))[:37]
+    selected = with_fixed_windows(picked, ctx, 9, 20)
+    want = twin.sparse_attention(query, keys, values, row, selected, ctx, dim**-0.5)
+    got = ts().sparse_attention(*dev(query, keys, values, row, selected), ctx, dim**-0.5, block_n=16)
+    torch.testing.assert_close(got.cpu(), want, rtol=TOL, atol=TOL)
+
+
+def test_sparse_attention_over_all_positions_matches_twin_on_the_cpu_layout():
+    """vLLM's CPU cache view (keys transposed per block and head) is read as is."""
+    from vllm_kvevict.integration.vllm.paged_cpu import kv_views
+
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.randn(10, 3, 16, 32, generator=gen)
+    k_t, values = kv_views(cache)
+    keys = k_t.transpose(-1, -2)
+    row = torch.tensor([7, 2, 9, 0, 4])
+    query = torch.randn(2, 9, 16, generator=gen)
+    want = twin.sparse_attention(query, keys, values, row, torch.arange(60), 60, 0.25)
+    if DEVICE == "cpu":
+        got = ts().sparse_attention(query, keys, values, row, torch.arange(60), 60, 0.25)
+    else:
+        got = ts().sparse_attention(*dev(query, keys.contiguous(), values, row, torch.arange(60)), 60, 0.25)
+    torch.testing.assert_close(got.cpu(), want, rtol=TOL, atol=TOL)

@@ -1,0 +1,79 @@
+"""TokenSelect over the paged cache (vllm_kvevict.selection): the torch twins against dense math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvevict.policies.tokenselect import select_candidates, with_fixed_windows
+from vllm_kvevict.selection import paged_scores, sparse_attention, vote_topk
+
+
+def paged_case(heads=3, group=3, bs=16, ctx=150, new=1, dim=16, seed=0):
+    """Dense K/V [H_kv, ctx + new, D] written into a paged cache under a permuted block row."""
+    g = torch.Generator().manual_seed(seed)
+    total = ctx + new
+    nblocks = -(-total // bs)
+    num_blocks = nblocks + 7
+    row = torch.randperm(num_blocks, generator=g)[:nblocks]
+    dense_k = torch.randn(heads, total, dim, generator=g)
+    dense_v = torch.randn(heads, total, dim, generator=g)
+    keys = torch.randn(num_blocks, heads, bs, dim, generator=g)  # garbage everywhere else
+    values = torch.randn(num_blocks, heads, bs, dim, generator=g)
+    p = torch.arange(total)
+    keys[row[p // bs], :, p % bs] = dense_k.transpose(0, 1)
+    values[row[p // bs], :, p % bs] = dense_v.transpose(0, 1)
+    query = torch.randn(new, heads * group, dim, generator=g)
+    return keys, values, row, dense_k, dense_v, query
+
+
+def test_paged_scores_equal_dense_dot_products_with_gqa():
+    keys, _, row, dense_k, _, query = paged_case()
+    positions = torch.arange(20, 100)
+    got = paged_scores(query[0], keys, row, positions)
+    want = torch.stack([query[0, h] @ dense_k[h // 3, 20:100].T for h in range(9)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_selection_equals_the_policys_dense_selection():
+    keys, _, row, dense_k, _, query = paged_case(ctx=300)
+    n_init, n_local, k = 16, 32, 40
+    positions = torch.arange(n_init, 300 - n_local)
+    paged = positions[vote_topk(paged_scores(query[0], keys, row, positions), k)]
+    dense = select_candidates(query[0], dense_k[:, :300], n_init, n_local, k)
+    assert torch.equal(paged, dense)
+
+
+def dense_attention(query, dense_k, dense_v, selected, ctx, scale):
+    """Per query and head: softmax attention over selected + own causal positions, in float64."""
+    num_q, num_qh, _ = query.shape
+    group = num_qh // dense_k.shape[0]
+    out = torch.empty(num_q, num_qh, query.shape[-1], dtype=torch.float64)
+    for i in range(num_q):
+        pos = torch.cat([selected, torch.arange(ctx, ctx + i + 1)])
+        for h in range(num_qh):
+            k, v = dense_k[h // group, pos].double(), dense_v[h // group, pos].double()
+            out[i, h] = torch.softmax(k @ query[i, h].double() * scale, dim=0) @ v
+    return out
+
+
+@pytest.mark.parametrize("new", [1, 5])
+@pytest.mark.parametrize("group", [1, 3])
+def test_sparse_attention_equals_dense_attention_over_the_selection(new, group):
+    keys, values, row, dense_k, dense_v, query = paged_case(group=group, new=new, ctx=200)
+    selected = with_fixed_windows(torch.tensor([50, 77, 123]), 200, 8, 16)
+    got = sparse_attention(query, keys, values, row, selected, 200, 0.25)
+    torch.testing.assert_close(got.double(), dense_attention(query, dense_k, dense_v, selected, 200, 0.25),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_attention_over_every_position_is_full_causal_attention():
+    keys, values, row, dense_k, dense_v, query = paged_case(new=4, ctx=100)
+    got = sparse_attention(query, keys, values, row, torch.arange(100), 100, 0.125)
+    k = dense_k.repeat_interleave(3, dim=0)  # [H_q, T, D]
+    v = dense_v.repeat_interleave(3, dim=0)
+    q = query.transpose(0, 1)  # [H_q, 4, D]
+    mask = torch.ones(4, 104, dtype=torch.bool)
+    mask[:, 100:] = torch.tril(torch.ones(4, 4, dtype=torch.bool))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125).transpose(0, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
