@@ -5,6 +5,7 @@ A real `vllm serve` process (the console script, not a python -m workaround) wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -35,33 +36,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serving(log: Path, policy_args: list[str]):
+    """A `vllm serve` of the default model with `policy_args`, up and healthy; its URL."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(port), "--kv-policy", "snapkv", "--kv-budget", "256"]
+    args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(port), *policy_args]
     with open(log, "w") as sink:
         proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=SERVE_ENV)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"vllm serve did not come up:\n{log.read_text()[-4000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("serve") / "serve.log", ["--kv-policy", "snapkv", "--kv-budget", "256"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +192,7 @@ def test_override_none_is_not_compacted(server, long_text):
 
 @pytest.mark.parametrize(
     "xargs, field",
-    [({"kv_budget": 0}, "kv_budget"), ({"kv_policy": "bogus"}, "kv_policy"), ({"kv_policy": "tokenselect"}, "kv_policy"),
+    [({"kv_budget": 0}, "kv_budget"), ({"kv_policy": "bogus"}, "kv_policy"), ({"kv_policy": "tokenselect", "kv_budget": 0.5}, "kv_budget"),
      ({"kv_sink_tokens": -1}, "sink_tokens")],
 )
 def test_bad_override_is_a_400_naming_the_field(server, xargs, field):
@@ -200,7 +208,7 @@ def test_bad_override_is_a_400_naming_the_field(server, xargs, field):
 
 @pytest.mark.parametrize("flags, needle", [(["--kv-budget", "0"], "budget=0"),
                                            (["--kv-policy", "bogus"], "bogus"),
-                                           (["--kv-policy", "tokenselect"], "not served")])
+                                           (["--kv-policy", "locret"], "locret")])
 def test_bad_server_flag_refuses_to_start(flags, needle):
     args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(_free_port()), *flags]
     if "--kv-policy" not in flags:
@@ -208,3 +216,27 @@ def test_bad_server_flag_refuses_to_start(flags, needle):
     proc = subprocess.run(args, capture_output=True, text=True, env=SERVE_ENV, timeout=300)
     assert proc.returncode != 0
     assert needle in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]
+
+
+def test_tokenselect_server_answers_and_counts_selections(tmp_path, long_text):
+    """`vllm serve --kv-policy tokenselect`: selection runs in the worker process, its counts reach
+    /metrics through the scheduler; a short prompt selects nothing."""
+    flags = ["--kv-policy", "tokenselect", "--kv-budget", "64", "--kv-n-init", "16", "--kv-n-local", "64"]
+    with serving(tmp_path / "serve.log", flags) as url:
+        status, body = post(url, "/v1/completions", {"model": NAME, "prompt": "The capital of France is",
+                                                     "max_tokens": 4, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"], body
+        assert metrics(url).get(("vllm_kvevict:selection_cache_misses_total", "tokenselect"), 0) == 0
+        status, body = post(url, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 20,
+                                                     "temperature": 0, "ignore_eos": True})
+        assert status == 200, body
+        assert body["choices"][0]["text"].strip() and body["usage"]["completion_tokens"] == 20
+        key = ("vllm_kvevict:selection_cache_misses_total", "tokenselect")
+        steps = ("vllm_kvevict:selected_tokens_count", "tokenselect")
+        after = wait_for(url, steps, 19)  # the last steps' stats may trail the response
+        assert after[steps] >= 19  # every decode step after the prefill's first token selected
+        assert after[key] >= 30  # every layer computed a selection at least once
+        hits = after.get(("vllm_kvevict:selection_cache_hits_total", "tokenselect"), 0)
+        assert 16 + 64 <= after[("vllm_kvevict:selected_tokens_sum", "tokenselect")] / after[
+            ("vllm_kvevict:selected_tokens_count", "tokenselect")] <= 16 + 64 + 64 + 1024
+        assert hits + after[key] >= 19 * 30

@@ -99,7 +99,7 @@ SERVER = PolicyConfig.from_dict({"policy": "snapkv", "budget": 256})
         ({"kv_budget": 0}, "kv_budget", "budget=0"),
         ({"kv_budget": "lots"}, "kv_budget", "budget='lots'"),
         ({"kv_policy": "bogus"}, "kv_policy", "bogus"),
-        ({"kv_policy": "tokenselect"}, "kv_policy", "not served inside vLLM yet"),
+        ({"kv_policy": "tokenselect", "kv_budget": 0.5}, "kv_budget", "tokenselect budget=0.5 is invalid"),
         ({"kv_policy": "locret"}, "kv_policy", "locret"),
         ({"kv_sink_tokens": -1}, None, "sink_tokens"),
         ({"kv_pyramid_beta": 2.0}, None, "pyramid_beta"),
@@ -173,7 +173,8 @@ def test_flags_fold_into_additional_config(tmp_path):
 
 
 @pytest.mark.parametrize("argv, text", [(["--kv-budget", "0", "--kv-policy", "snapkv"], "budget=0"),
-                                        (["--kv-policy", "tokenselect"], "not served"),
+                                        (["--kv-policy", "tokenselect", "--kv-budget", "0.5"], "token count k"),
+                                        (["--kv-policy", "locret"], "locret"),
                                         (["--kv-policy", "snapkv", "--kv-window", "x"], "window")])
 def test_bad_flag_is_a_clear_error(argv, text):
     with pytest.raises(ValueError, match=text):
@@ -193,11 +194,11 @@ def test_metrics_survive_vllms_stats_serialization_and_reach_prometheus():
     counters.add("nacl", evicted=100, freed=1, ratio=0.5)
     stats = SchedulerStats()
     attach(stats, counters.drain())
-    assert counters.drain() == []
+    assert counters.drain() == {}
     wire = MsgpackDecoder(SchedulerStats).decode(MsgpackEncoder().encode(stats))  # engine -> API server
     events = take(wire)
     assert wire.kv_connector_stats is None  # vLLM's own loggers see no connector stats
-    assert events == [["snapkv", 1664, 13, 0.15], ["nacl", 100, 1, 0.5]]
+    assert events == {"compactions": [["snapkv", 1664, 13, 0.15], ["nacl", 100, 1, 0.5]]}
 
     def value(name, policy):
         return REGISTRY.get_sample_value(name, {"policy": policy}) or 0.0
@@ -225,3 +226,43 @@ def test_decode_time_epochs_follow_the_rule():
     assert once.next_point(1947) is None and once.epoch(5000) == 0
     # a no-op plan never compacts
     assert plan_compaction(100, 4096, 128, 128).next_point(0) is None
+
+
+def test_selection_counts_travel_from_worker_to_prometheus():
+    """Worker counts -> ModelRunnerOutput (pickled by the MP executor) -> scheduler -> SchedulerStats
+    (msgpack) -> API server metrics."""
+    import pickle
+
+    from prometheus_client import REGISTRY
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from vllm_kvevict.integration.vllm.metrics import EvictionCounters, PromMetrics, attach, take
+    from vllm_kvevict.integration.vllm.worker import SELECTION_ATTR, _with_selection_counts, selection_store
+
+    store = selection_store()  # the worker thread's own
+    for layer, hit in enumerate([False, True, True]):
+        store.record("tokenselect", "r1", hit, 1000 + layer)
+    store.record("tokenselect", "r2", False, 700)
+    output = pickle.loads(pickle.dumps(_with_selection_counts(ModelRunnerOutput(req_ids=[], req_id_to_index={}))))
+    counts = getattr(output, SELECTION_ATTR)
+    assert counts == [["tokenselect", 2, 2, [1001.0, 700.0]]]
+    assert store.drain() == []  # drained once per step
+
+    counters = EvictionCounters()
+    counters.add_selection(counts)
+    stats = SchedulerStats()
+    attach(stats, counters.drain())
+    events = take(MsgpackDecoder(SchedulerStats).decode(MsgpackEncoder().encode(stats)))
+    assert events == {"selection": [["tokenselect", 2, 2, [1001.0, 700.0]]]}
+
+    def value(name):
+        return REGISTRY.get_sample_value(name, {"policy": "tokenselect"}) or 0.0
+
+    before = [value(n) for n in ("vllm_kvevict:selection_cache_hits_total", "vllm_kvevict:selection_cache_misses_total",
+                                  "vllm_kvevict:selected_tokens_count", "vllm_kvevict:selected_tokens_sum")]
+    PromMetrics.get().observe(events)
+    after = [value(n) for n in ("vllm_kvevict:selection_cache_hits_total", "vllm_kvevict:selection_cache_misses_total",
+                                 "vllm_kvevict:selected_tokens_count", "vllm_kvevict:selected_tokens_sum")]
+    assert [a - b for a, b in zip(after, before)] == [2, 2, 2, 1701.0]

@@ -130,6 +130,8 @@ POLICIES: dict[str, PolicySpec] = {
                 Param("n_local", int, 512, "recent tokens every query attends to", 0, _MAXTOK),
                 Param("similarity_threshold", float, 0.9, "selection-cache reuse when cos(q, q_cached) >= this", -1.0, 1.0),
                 Param("select_pool_kernel", int, 0, "max-pool the vote along tokens (0: off)", 0, 255),
+                Param("prefill_chunk", int, 512, "prefill queries select once per this many positions (mean query)",
+                      1, _MAXTOK),
             ),
             2048, _lazy("tokenselect", "TokenSelect"),
         ),

@@ -87,9 +87,12 @@ class SelectionCache:
     hits: int = 0
     misses: int = 0
 
-    def lookup(self, key: Hashable, fingerprint: torch.Tensor) -> torch.Tensor | None:
+    def lookup(self, key: Hashable, fingerprint: torch.Tensor, threshold: float | None = None) -> torch.Tensor | None:
+        """The cached candidates if the new fingerprint is similar enough (`threshold`: this cache's
+        own unless given), else None; counts the hit or miss."""
         entry = self.entries.get(key)
-        if entry is not None and cosine(entry[0], fingerprint) >= self.threshold:
+        limit = self.threshold if threshold is None else threshold
+        if entry is not None and entry[0].shape == fingerprint.shape and cosine(entry[0], fingerprint) >= limit:
             self.hits += 1
             return entry[1]
         self.misses += 1
@@ -124,15 +127,28 @@ class TokenSelect:
         self.n_init = int(self.params.get("n_init", 128))
         self.n_local = int(self.params.get("n_local", 512))
         self.pool_kernel = int(self.params.get("select_pool_kernel", 0))
-        self.cache = SelectionCache(float(self.params.get("similarity_threshold", 0.9)))
+        self.prefill_chunk = int(self.params.get("prefill_chunk", 512))
+        self.threshold = float(self.params.get("similarity_threshold", 0.9))
+        self.cache = SelectionCache(self.threshold)
 
     def query_window(self, num_tokens: int) -> int:
         return 0
 
+    def pieces(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Positions [first, last) of one step cut at multiples of `prefill_chunk`: each piece selects
+        once, by its mean query (the official code's 512-query chunks, aligned to absolute positions)."""
+        size = self.prefill_chunk
+        cuts = [first] + list(range((first // size + 1) * size, last, size)) + [last]
+        return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
+
+    def selects(self, num_tokens: int) -> bool:
+        """Whether a query over `num_tokens` cached tokens selects (else it attends to all of them)."""
+        return num_tokens > self.n_init + self.top_k + self.n_local
+
     def select(self, query: torch.Tensor, keys: torch.Tensor, cache_key: Hashable | None = None) -> torch.Tensor:
         """Indices for query [H_q, D] (or a chunk [H_q, T, D]) over keys [H_kv, N, D]."""
         num_tokens = keys.shape[1]
-        if num_tokens <= self.n_init + self.top_k + self.n_local:
+        if not self.selects(num_tokens):
             return torch.arange(num_tokens)
         fp = query_fingerprint(query)
         picked = self.cache.lookup(cache_key, fp) if cache_key is not None else None

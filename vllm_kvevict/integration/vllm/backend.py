@@ -24,10 +24,19 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_kvevict.integration.vllm.paged_cpu import check_isa, compact, gather_dense, kv_views
-from vllm_kvevict.integration.vllm.worker import RowInfo, StepContext, current_step, lane_store, query_store
+from vllm_kvevict.integration.vllm.worker import (
+    RowInfo,
+    StepContext,
+    current_step,
+    lane_store,
+    query_store,
+    selection_store,
+)
 from vllm_kvevict.lanes import LaneMap, lane_attention, pack_lanes
 from vllm_kvevict.layout import layer_lanes
 from vllm_kvevict.policies.plan import LayerView
+from vllm_kvevict.policies.tokenselect import query_fingerprint
+from vllm_kvevict.selection import paged_scores, sparse_attention, vote_topk, with_fixed_windows
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -39,7 +48,7 @@ class StepEviction:
     step: StepContext
     query_start: list[int]
     logical_rows: dict[int, torch.Tensor]  # row index -> logical block row (finishing prompts)
-    step_tables: torch.Tensor | None = None  # the logical block table (rows with head-lane layouts)
+    step_tables: torch.Tensor | None = None  # the logical block table (head-lane or selecting rows)
 
 
 class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -54,8 +63,8 @@ class KVEvictCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             cm = _physical_metadata(cm, step)
         metadata = super().build(common_prefix_len, cm, fast_build)
         lanes = any(row.compacted and lane_store().get(row.req_id, 0) is not None for row in step.rows)
-        metadata.kvevict = StepEviction(step, cm.query_start_loc_cpu.tolist(), logical_rows,
-                                        block_table.clone() if lanes else None)
+        tables = block_table.clone() if lanes or any(row.selects for row in step.rows) else None
+        metadata.kvevict = StepEviction(step, cm.query_start_loc_cpu.tolist(), logical_rows, tables)
         return metadata
 
 
@@ -95,6 +104,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if info is not None:
             self._ragged_attention(info, query, kv_cache, output)
+            self._selected_attention(info, query, kv_cache, output)
             for i, row_table in info.logical_rows.items():
                 self._compact_row(info.step.rows[i], row_table, kv_cache, info.step.num_layers)
         return out
@@ -120,6 +130,49 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             out = output[first:last].view(last - first, q.shape[1], q.shape[2])
             out.copy_(lane_attention(q, keys.transpose(-1, -2), values, physical_row, lanes,
                                      comp.kept_blocks, tail_len, self.scale))
+
+    def _selected_attention(self, info: StepEviction, query: torch.Tensor, kv_cache: torch.Tensor,
+                            output: torch.Tensor) -> None:
+        """TokenSelect rows: replace vLLM's full attention with attention over the selected positions.
+
+        The step's tokens are cut into pieces at multiples of the policy's `prefill_chunk` (a decode step
+        is one piece); each piece selects with its mean query over the context cached before it, and
+        its queries read the selection plus the piece's own tokens, causally (vllm_kvevict/selection.py).
+        """
+        if info.step_tables is None:
+            return
+        keys, values = kv_views(kv_cache)
+        keys = keys.transpose(-1, -2)
+        for i, row in enumerate(info.step.rows):
+            if not row.selects:
+                continue
+            policy = row.plan.policy
+            table = info.step_tables[i]
+            base = info.query_start[i] - row.num_computed
+            out = output[base + row.num_computed : base + row.num_computed + row.num_scheduled]
+            out = out.view(row.num_scheduled, query.shape[1], query.shape[2])
+            for first, last in policy.pieces(row.num_computed, row.num_computed + row.num_scheduled):
+                if not policy.selects(first):
+                    continue
+                q = query[base + first : base + last]
+                selected = self._select(row, policy, q, keys, table, first)
+                out[first - row.num_computed : last - row.num_computed] = sparse_attention(
+                    q, keys, values, table, selected, first, self.scale)
+
+    def _select(self, row: RowInfo, policy, q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
+                ctx: int) -> torch.Tensor:
+        store = selection_store()
+        fingerprint = query_fingerprint(q.transpose(0, 1))
+        picked = store.cache.lookup((row.req_id, self._kv_layer), fingerprint, policy.threshold)
+        hit = picked is not None
+        if not hit:
+            positions = torch.arange(policy.n_init, ctx - policy.n_local)
+            scores = paged_scores(q.float().mean(dim=0), keys, table, positions)
+            picked = positions[vote_topk(scores, policy.top_k, policy.pool_kernel)]
+            store.cache.store((row.req_id, self._kv_layer), fingerprint, picked)
+        selected = with_fixed_windows(picked, ctx, policy.n_init, policy.n_local)
+        store.record(policy.name, row.req_id, hit, int(selected.numel()))
+        return selected
 
     def _capture_queries(self, info: StepEviction, query: torch.Tensor) -> None:
         for i, row in enumerate(info.step.rows):

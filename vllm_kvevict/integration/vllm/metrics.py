@@ -11,6 +11,13 @@ would read it as connector stats) and to feed our Prometheus metrics:
     vllm_kvevict:freed_blocks_total{policy}     KV blocks returned to the pool
     vllm_kvevict:compactions_total{policy}      compactions (a prompt's, and VATP's during decode)
     vllm_kvevict:kept_ratio{policy}             histogram: kept / prompt tokens per compacted request
+    vllm_kvevict:selection_cache_hits_total{policy}    TokenSelect selections reused (per layer)
+    vllm_kvevict:selection_cache_misses_total{policy}  TokenSelect selections computed (per layer)
+    vllm_kvevict:selected_tokens{policy}        histogram: tokens a selecting request attended to in a
+                                                step (mean over layers)
+
+TokenSelect's counts start in the worker; they reach the scheduler on the ModelRunnerOutput
+(worker.SELECTION_ATTR) and travel on from there like the compaction events.
 
 The metrics live in prometheus_client's default registry, which vLLM's /metrics serves (and which
 prometheus_client's multiprocess mode covers when vLLM turns it on).
@@ -25,6 +32,7 @@ from typing import Any
 PAYLOAD_KEY = "vllm_kvevict"
 _MARK = "_kvevict_wrapped"
 KEPT_RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SELECTED_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384)
 
 
 @dataclass
@@ -35,7 +43,10 @@ class EvictionCounters:
     freed_blocks: dict[str, int] = field(default_factory=dict)
     compactions: dict[str, int] = field(default_factory=dict)
     kept_ratios: deque = field(default_factory=lambda: deque(maxlen=4096))  # the latest (policy, ratio)
+    selection_hits: dict[str, int] = field(default_factory=dict)
+    selection_misses: dict[str, int] = field(default_factory=dict)
     _pending: list[list[Any]] = field(default_factory=list, repr=False)
+    _pending_selection: list[list[Any]] = field(default_factory=list, repr=False)
 
     def add(self, policy: str, evicted: int, freed: int, ratio: float | None) -> None:
         """One compaction; `ratio` (kept / prompt tokens) for a prompt's, None for a decode-time one."""
@@ -46,13 +57,25 @@ class EvictionCounters:
             self.kept_ratios.append((policy, ratio))
         self._pending.append([policy, evicted, freed, ratio])
 
-    def drain(self) -> list[list[Any]]:
-        """Compactions since the last drain: [policy, evicted_tokens, freed_blocks, kept_ratio or None]."""
-        events, self._pending = self._pending, []
-        return events
+    def add_selection(self, counts: list[list[Any]]) -> None:
+        """One step's TokenSelect counts from the worker: [[policy, hits, misses, [selected, ...]], ...]."""
+        for policy, hits, misses, selected in counts:
+            self.selection_hits[policy] = self.selection_hits.get(policy, 0) + hits
+            self.selection_misses[policy] = self.selection_misses.get(policy, 0) + misses
+            self._pending_selection.append([policy, hits, misses, list(selected)])
+
+    def drain(self) -> dict[str, list[list[Any]]]:
+        """What happened since the last drain: {"compactions": [[policy, evicted_tokens, freed_blocks,
+        kept_ratio or None], ...], "selection": [[policy, hits, misses, [selected, ...]], ...]}; {} if nothing."""
+        out = {}
+        if self._pending:
+            out["compactions"], self._pending = self._pending, []
+        if self._pending_selection:
+            out["selection"], self._pending_selection = self._pending_selection, []
+        return out
 
 
-def attach(stats, events: list[list[Any]]) -> None:
+def attach(stats, events: dict[str, list[list[Any]]]) -> None:
     """Put the events on a SchedulerStats (scheduler side)."""
     if stats is None or not events:
         return
@@ -61,18 +84,18 @@ def attach(stats, events: list[list[Any]]) -> None:
     stats.kv_connector_stats = payload
 
 
-def take(stats) -> list[list[Any]]:
+def take(stats) -> dict[str, list[list[Any]]]:
     """Remove and return our events from a SchedulerStats (front end side)."""
     if stats is None or not stats.kv_connector_stats or PAYLOAD_KEY not in stats.kv_connector_stats:
-        return []
+        return {}
     payload = dict(stats.kv_connector_stats)
     events = payload.pop(PAYLOAD_KEY)
     stats.kv_connector_stats = payload or None
-    return list(events)
+    return dict(events)
 
 
 class PromMetrics:
-    """The four metrics, created once per process in the default registry."""
+    """Our metrics, created once per process in the default registry."""
 
     _instance: PromMetrics | None = None
 
@@ -86,6 +109,12 @@ class PromMetrics:
             "vllm_kvevict:kept_ratio", "Kept / prompt tokens per compacted request.", ["policy"],
             buckets=KEPT_RATIO_BUCKETS,
         )
+        self.hits = Counter("vllm_kvevict:selection_cache_hits", "TokenSelect selections reused from the "
+                            "selection cache (one per layer and query piece).", ["policy"])
+        self.misses = Counter("vllm_kvevict:selection_cache_misses", "TokenSelect selections computed "
+                              "(selection-cache misses, one per layer and query piece).", ["policy"])
+        self.selected = Histogram("vllm_kvevict:selected_tokens", "Tokens a TokenSelect request attended to "
+                                  "in one step (mean over layers).", ["policy"], buckets=SELECTED_BUCKETS)
 
     @classmethod
     def get(cls) -> PromMetrics:
@@ -93,8 +122,13 @@ class PromMetrics:
             cls._instance = cls()
         return cls._instance
 
-    def observe(self, events: list[list[Any]]) -> None:
-        for policy, evicted, freed, ratio in events:
+    def observe(self, events: dict[str, list[list[Any]]]) -> None:
+        for policy, hits, misses, selected in events.get("selection", ()):
+            self.hits.labels(policy).inc(hits)
+            self.misses.labels(policy).inc(misses)
+            for n in selected:
+                self.selected.labels(policy).observe(n)
+        for policy, evicted, freed, ratio in events.get("compactions", ()):
             self.evicted.labels(policy).inc(evicted)
             self.freed.labels(policy).inc(freed)
             self.compactions.labels(policy).inc()

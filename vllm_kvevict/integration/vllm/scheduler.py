@@ -18,6 +18,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvevict.integration.vllm.metrics import EvictionCounters, attach
 from vllm_kvevict.integration.vllm.settings import request_plan, server_config
+from vllm_kvevict.integration.vllm.worker import SELECTION_ATTR
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -42,6 +43,12 @@ class KVEvictScheduler(Scheduler):
         stats = super().make_stats(*args, **kwargs)
         attach(stats, self.kv_counters.drain())  # drained either way, so nothing piles up
         return stats
+
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        counts = getattr(model_runner_output, SELECTION_ATTR, None)  # TokenSelect, from the worker
+        if counts:
+            self.kv_counters.add_selection(counts)
+        return super().update_from_output(scheduler_output, model_runner_output, *args, **kwargs)
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
         """A chunk of an evicting request never crosses a compaction point (the prompt's end, and for

@@ -56,8 +56,8 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-#: Policies this release runs inside vLLM (tokenselect and locret land with their own issues).
-SERVED_KINDS = ("none", "evict")
+#: Policy kinds this release runs inside vLLM (locret lands with its own issue).
+SERVED_KINDS = ("none", "evict", "select")
 
 
 def check_servable(config: PolicyConfig) -> None:
@@ -103,7 +103,7 @@ def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None,
 
 def bad_field(message: str) -> str | None:
     """The `kv_*` field a validation message is about (for the HTTP 400's `param`)."""
-    for key in ("kv_policy", "kv_budget", "kv_config"):
+    for key in ("kv_budget", "kv_config", "kv_policy"):  # a policy that "cannot run" may say why: its budget
         if key in message or key[3:] + "=" in message:
             return key
     return None

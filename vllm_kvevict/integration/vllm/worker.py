@@ -14,9 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvevict.integration.vllm.settings import RequestPlan, request_plan, server_config
+from vllm_kvevict.policies.tokenselect import SelectionCache
+
+#: ModelRunnerOutput attribute carrying this step's TokenSelect counts to the scheduler (the MP executor
+#: pickles the object whole, so an attribute survives; the scheduler reads it in update_from_output).
+SELECTION_ATTR = "kvevict_selection"
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,11 @@ class RowInfo:
         return None if comp is None else comp.next_point(self.num_computed)
 
     @property
+    def selects(self) -> bool:
+        """A TokenSelect request whose cached context is long enough to select from this step."""
+        return self.plan.config.kind == "select" and self.plan.policy.selects(self.num_computed)
+
+    @property
     def reaches_point(self) -> bool:
         """This step writes the KV at the compaction point: compact after its attention."""
         target = self.target
@@ -58,7 +69,7 @@ class StepContext:
 
     @property
     def active(self) -> bool:
-        return any(r.plan.compaction is not None and not r.plan.compaction.is_noop for r in self.rows)
+        return any((r.plan.compaction is not None and not r.plan.compaction.is_noop) or r.selects for r in self.rows)
 
 
 class QueryStore:
@@ -117,6 +128,39 @@ class LaneStore:
         return len(self._maps)
 
 
+class SelectionStore:
+    """TokenSelect state of this worker: the selection cache per (request, layer), and the counts the
+    scheduler exports (hits, misses, selected tokens per request and step), drained once per step."""
+
+    def __init__(self) -> None:
+        self.cache = SelectionCache(threshold=0.9)  # each lookup passes its request's own threshold
+        self._counts: dict[str, list[int]] = {}  # policy -> [hits, misses]
+        self._selected: dict[tuple[str, str], list[int]] = {}  # (policy, request) -> [sum over layers, layers]
+
+    def record(self, policy: str, req_id: str, hit: bool, selected: int) -> None:
+        counts = self._counts.setdefault(policy, [0, 0])
+        counts[0 if hit else 1] += 1
+        acc = self._selected.setdefault((policy, req_id), [0, 0])
+        acc[0] += selected
+        acc[1] += 1
+
+    def drain(self) -> list[list]:
+        """[[policy, hits, misses, [mean selected tokens of each request this step, ...]], ...]"""
+        out = []
+        for policy, (hits, misses) in self._counts.items():
+            sizes = [total / layers for (p, _), (total, layers) in self._selected.items() if p == policy]
+            out.append([policy, hits, misses, sizes])
+        self._counts, self._selected = {}, {}
+        return out
+
+    def restart(self, req_id: str) -> None:
+        self.cache.drop(req_id)
+
+    def purge(self, req_ids) -> None:
+        for rid in set(req_ids):
+            self.cache.drop(rid)
+
+
 _local = threading.local()
 
 
@@ -124,6 +168,13 @@ def lane_store() -> LaneStore:
     store = getattr(_local, "lanes", None)
     if store is None:
         store = _local.lanes = LaneStore()
+    return store
+
+
+def selection_store() -> SelectionStore:
+    store = getattr(_local, "selection", None)
+    if store is None:
+        store = _local.selection = SelectionStore()
     return store
 
 
@@ -184,6 +235,8 @@ def instrument_runner(runner, vllm_config) -> None:
     def update_states(scheduler_output, *args, **kwargs):
         query_store().purge(scheduler_output.finished_req_ids)  # finished or aborted
         lane_store().purge(scheduler_output.finished_req_ids)
+        selection_store().purge(scheduler_output.finished_req_ids)
+        selection_store().purge(scheduler_output.preempted_req_ids or ())  # recomputed: select afresh
         return original_update(scheduler_output, *args, **kwargs)
 
     runner._build_attention_metadata = build_attention_metadata
@@ -197,3 +250,17 @@ class KVEvictCPUWorker(CPUWorker):
     def init_device(self):
         super().init_device()
         instrument_runner(self.model_runner, self.vllm_config)
+
+    def execute_model(self, *args, **kwargs):
+        return _with_selection_counts(super().execute_model(*args, **kwargs))
+
+    def sample_tokens(self, *args, **kwargs):
+        return _with_selection_counts(super().sample_tokens(*args, **kwargs))
+
+
+def _with_selection_counts(output):
+    if isinstance(output, ModelRunnerOutput):
+        counts = selection_store().drain()
+        if counts:
+            setattr(output, SELECTION_ATTR, counts)
+    return output
