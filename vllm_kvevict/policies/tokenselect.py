@@ -73,8 +73,10 @@ def vote_topk(scores: torch.Tensor, k: int, pool_kernel: int = 0, vote_fn=soft_v
 
 
 def with_fixed_windows(picked: torch.Tensor, num_tokens: int, n_init: int, n_local: int) -> torch.Tensor:
-    """[0, n_init) U picked U [N - n_local, N), sorted and unique."""
-    fixed = torch.cat([torch.arange(min(n_init, num_tokens)), torch.arange(max(0, num_tokens - n_local), num_tokens)])
+    """[0, n_init) U picked U [N - n_local, N), sorted and unique (on picked's device)."""
+    dev = picked.device
+    fixed = torch.cat([torch.arange(min(n_init, num_tokens), device=dev),
+                       torch.arange(max(0, num_tokens - n_local), num_tokens, device=dev)])
     return torch.unique(torch.cat([fixed, picked]))
 
 

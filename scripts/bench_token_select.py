@@ -1,0 +1,104 @@
+"""GPU benchmark: TokenSelect decode attention (selection-cache hit and miss) vs dense attention.
+
+Needs a CUDA GPU, torch and Triton; not vLLM. For each context length, one decode query per request
+over a paged cache (flash layout, permuted block table), timed side by side in one run:
+
+    dense        torch SDPA (flash) over the full contiguous K/V
+    ts-miss      paged dot product over every candidate + fused soft vote + top-k + sparse attention
+    ts-hit       sparse attention over cached indices only (a selection-cache hit)
+
+and the ratios dense / ts. Defaults: a Llama-3-8B layer (32 query heads, 8 KV heads, head size 128,
+bf16), k = 2048, n_init 128, n_local 512, block size 16.
+
+    python scripts/bench_token_select.py [--contexts 32768,131072] [--k 2048] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _kernels():
+    try:
+        from vllm_kvevict.kernels import token_select as mod
+    except ImportError:  # not installed: load kernels/ straight from the checkout
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("token_select", os.path.join(ROOT, "kernels", "token_select.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--n-init", type=int, default=128)
+    ap.add_argument("--n-local", type=int, default=512)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_token_select needs a CUDA GPU (the kernels' CPU correctness tests are in tests/kernels)")
+    from triton.testing import do_bench
+
+    from vllm_kvevict.policies.tokenselect import with_fixed_windows
+
+    ts = _kernels()
+    dev, dtype = "cuda", torch.bfloat16
+    heads, dim, bs = args.kv_heads, args.head_dim, args.block_size
+    group = args.q_heads // heads
+    scale = dim**-0.5
+    records = []
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        nblocks = -(-(ctx + 1) // bs)
+        cache = torch.randn(2, nblocks, bs, heads, dim, dtype=dtype, device=dev)
+        keys, values = cache[0].permute(0, 2, 1, 3), cache[1].permute(0, 2, 1, 3)
+        row = torch.randperm(nblocks, device=dev).to(torch.int32)
+        query = torch.randn(1, heads * group, dim, dtype=dtype, device=dev)
+        positions = torch.arange(args.n_init, ctx - args.n_local, device=dev)
+
+        def miss():
+            scores = ts.paged_scores(query[0], keys, row, positions)
+            picked = positions[ts.vote_topk(scores, args.k)]
+            selected = with_fixed_windows(picked, ctx, args.n_init, args.n_local)
+            return ts.sparse_attention(query, keys, values, row, selected, ctx, scale)
+
+        picked = positions[torch.randperm(positions.numel(), device=dev)[: args.k]]
+        selected = with_fixed_windows(picked, ctx, args.n_init, args.n_local)
+        hit = lambda: ts.sparse_attention(query, keys, values, row, selected, ctx, scale)  # noqa: E731
+        k_dense = torch.randn(1, heads, ctx, dim, dtype=dtype, device=dev)
+        v_dense = torch.randn_like(k_dense)
+        q_sdpa = query.view(1, heads, group, dim)
+        dense = lambda: torch.nn.functional.scaled_dot_product_attention(q_sdpa, k_dense, v_dense, scale=scale)  # noqa: E731
+        t_dense, t_miss, t_hit = do_bench(dense), do_bench(miss), do_bench(hit)
+        records.append(dict(context=ctx, k=args.k, dense_ms=t_dense, miss_ms=t_miss, hit_ms=t_hit,
+                            speedup_miss=t_dense / t_miss, speedup_hit=t_dense / t_hit))
+        del cache, k_dense, v_dense
+        torch.cuda.empty_cache()
+    print(f"device {torch.cuda.get_device_name()}, k={args.k}, batch 1 decode query, bf16")
+    print("| context | dense (ms) | tokenselect miss (ms) | hit (ms) | dense / miss | dense / hit |")
+    print("|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['context']} | {r['dense_ms']:.4f} | {r['miss_ms']:.4f} | {r['hit_ms']:.4f} | "
+              f"{r['speedup_miss']:.2f}x | {r['speedup_hit']:.2f}x |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_token_select.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), records=records), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
