@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvevict.kernels.tile import online_softmax_update
+
 
 @triton.jit
 def _lane_attention_kernel(
@@ -72,14 +74,7 @@ def _lane_attention_kernel(
                     mask=kmask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + (block * sv_b + kv_h * sv_h + slot * sv_s)[:, None] + d[None, :] * sv_d,
                     mask=kmask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
-        m = m_new
+        m, l, acc = online_softmax_update(q, k, v, valid, m, l, acc, scale)
 
     heads = h * GROUP + g
     omask = gmask[:, None] & dmask[None, :]

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvevict.kernels.tile import online_softmax_update
+
 from vllm_kvevict.policies.tokenselect import vote_topk as _vote_topk
 
 
@@ -106,14 +108,7 @@ def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, row_ptr, sel_ptr, num_s
                     mask=kmask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + (block * sv_b + h * sv_h + slot * sv_s)[:, None] + d[None, :] * sv_d,
                     mask=kmask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
-        m = m_new
+        m, l, acc = online_softmax_update(q, k, v, valid, m, l, acc, scale)
     out = acc / l[:, None]
     tl.store(o_ptr + qi * so_n + (h * GROUP + g)[:, None] * so_h + d[None, :] * so_d,
              out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])

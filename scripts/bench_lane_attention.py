@@ -19,27 +19,11 @@ The kernel's correctness is tested in tests/kernels; here the outputs are only c
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _kernels():
-    try:
-        from vllm_kvevict.kernels import lane_attention as mod
-    except ImportError:  # not installed: load kernels/ straight from the checkout
-        import importlib.util
-
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "lane_attention.py")
-        spec = importlib.util.spec_from_file_location("lane_attention", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    return mod
+from gpu_bench import load_kernel, report
 
 
 def ragged_lengths(total: int, heads: int, cap: int, gen: torch.Generator) -> list[int]:
@@ -99,7 +83,7 @@ def main() -> None:
         sys.exit("bench_lane_attention needs a CUDA GPU (the kernel's CPU correctness tests are in tests/kernels)")
     from triton.testing import do_bench
 
-    mod = _kernels()
+    mod = load_kernel("lane_attention")
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     heads, group, dim, bs, batch = args.kv_heads, args.q_heads // args.kv_heads, args.head_dim, args.block_size, args.batch
@@ -135,17 +119,11 @@ def main() -> None:
     result = dict(device=torch.cuda.get_device_name(), copy_bandwidth_gb_s=copy_bw / 1e9, batch=batch, kv_heads=heads,
                   q_heads=heads * group, head_dim=dim, block_size=bs, block_n=args.block_n, dtype="bfloat16",
                   records=records)
-    print(f"device {result['device']}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-    print("| context | variant | time (ms) | speed-up vs sdpa-full | GB/s | of copy bandwidth |")
-    print("|---|---|---|---|---|---|")
-    for r in records:
-        print(f"| {r['context']} | {r['variant']} | {r['time_ms']:.4f} | {r['speedup_vs_sdpa_full']:.2f}x | "
-              f"{r['bandwidth_gb_s']:.0f} | {r['fraction_of_copy_bw']:.0%} |")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_lane_attention.json"), "w") as f:
-            json.dump(result, f, indent=2)
-
+    rows = [[str(r["context"]), r["variant"], f"{r['time_ms']:.4f}", f"{r['speedup_vs_sdpa_full']:.2f}x",
+             f"{r['bandwidth_gb_s']:.0f}", f"{r['fraction_of_copy_bw']:.0%}"] for r in records]
+    report(f"device {result['device']}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)",
+           ["context", "variant", "time (ms)", "speed-up vs sdpa-full", "GB/s", "of copy bandwidth"], rows,
+           args.out, "bench_lane_attention", result)
 
 if __name__ == "__main__":
     main()

@@ -16,26 +16,10 @@ bf16), k = 2048, n_init 128, n_local 512, block size 16.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-
-def _kernels():
-    try:
-        from vllm_kvevict.kernels import token_select as mod
-    except ImportError:  # not installed: load kernels/ straight from the checkout
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("token_select", os.path.join(ROOT, "kernels", "token_select.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    return mod
+from gpu_bench import load_kernel, report
 
 
 def main() -> None:
@@ -56,7 +40,7 @@ def main() -> None:
 
     from vllm_kvevict.policies.tokenselect import with_fixed_windows
 
-    ts = _kernels()
+    ts = load_kernel("token_select")
     dev, dtype = "cuda", torch.bfloat16
     heads, dim, bs = args.kv_heads, args.head_dim, args.block_size
     group = args.q_heads // heads
@@ -88,17 +72,11 @@ def main() -> None:
                             speedup_miss=t_dense / t_miss, speedup_hit=t_dense / t_hit))
         del cache, k_dense, v_dense
         torch.cuda.empty_cache()
-    print(f"device {torch.cuda.get_device_name()}, k={args.k}, batch 1 decode query, bf16")
-    print("| context | dense (ms) | tokenselect miss (ms) | hit (ms) | dense / miss | dense / hit |")
-    print("|---|---|---|---|---|---|")
-    for r in records:
-        print(f"| {r['context']} | {r['dense_ms']:.4f} | {r['miss_ms']:.4f} | {r['hit_ms']:.4f} | "
-              f"{r['speedup_miss']:.2f}x | {r['speedup_hit']:.2f}x |")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_token_select.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), records=records), f, indent=2)
-
+    rows = [[str(r["context"]), f"{r['dense_ms']:.4f}", f"{r['miss_ms']:.4f}", f"{r['hit_ms']:.4f}",
+             f"{r['speedup_miss']:.2f}x", f"{r['speedup_hit']:.2f}x"] for r in records]
+    report(f"device {torch.cuda.get_device_name()}, k={args.k}, batch 1 decode query, bf16",
+           ["context", "dense (ms)", "tokenselect miss (ms)", "hit (ms)", "dense / miss", "dense / hit"], rows,
+           args.out, "bench_token_select", dict(device=torch.cuda.get_device_name(), records=records))
 
 if __name__ == "__main__":
     main()

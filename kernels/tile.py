@@ -1,0 +1,22 @@
+"""Pieces shared by the attention kernels (Triton): the online-softmax update of one key/value tile.
+
+Each kernel gathers its own tile of keys and values (head-lanes, or a selected index list) and folds
+it into the running (max, sum, accumulator) of a GQA group of queries, in fp32. The torch twins
+compute plain softmax attention, which the kernel tests compare against.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax_update(q, k, v, valid, m, l, acc, scale):
+    """Fold a tile into the running softmax: q [G, D], k/v [N, D], valid [N]; m, l [G]; acc [G, D]."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, v)
+    return m_new, l, acc
