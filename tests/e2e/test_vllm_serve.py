@@ -148,6 +148,36 @@ def test_completion_is_compacted_and_counted(server, long_text):
     assert after[key] - before.get(key, 0) == 1
 
 
+def test_metric_names_types_and_help_after_traffic(server, long_text):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def families():
+        with urllib.request.urlopen(server + "/metrics", timeout=30) as r:
+            return {f.name: f for f in text_string_to_metric_families(r.read().decode()) if f.name.startswith("vllm_kvevict:")}
+
+    before = metrics(server)
+    status, _ = post(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 5, "temperature": 0})
+    assert status == 200
+    key = ("vllm_kvevict:compaction_seconds_count", "snapkv")
+    after = wait_for(server, key, before.get(key, 0) + 1)
+    assert after[key] == before.get(key, 0) + 1  # one compaction timed, in the worker
+    assert 0 < after[("vllm_kvevict:compaction_seconds_sum", "snapkv")] < 60
+    found = families()
+    expected = {"vllm_kvevict:evicted_tokens": "counter", "vllm_kvevict:freed_blocks": "counter",
+                "vllm_kvevict:compactions": "counter", "vllm_kvevict:kept_ratio": "histogram",
+                "vllm_kvevict:compaction_seconds": "histogram", "vllm_kvevict:kv_cache_tokens": "gauge",
+                "vllm_kvevict:policy_info": "gauge", "vllm_kvevict:selection_cache_hits": "counter",
+                "vllm_kvevict:selection_cache_misses": "counter", "vllm_kvevict:selected_tokens": "histogram"}
+    for name, kind in expected.items():
+        assert name in found and found[name].type == kind, (name, found.get(name))
+        assert found[name].documentation.strip(), name
+    info = [s for s in found["vllm_kvevict:policy_info"].samples]
+    assert [(s.labels, s.value) for s in info] == [({"policy": "snapkv", "budget": "256"}, 1.0)]
+    kinds = {s.labels["kind"]: s.value for s in found["vllm_kvevict:kv_cache_tokens"].samples
+             if s.labels["policy"] == "snapkv"}
+    assert set(kinds) == {"logical", "physical"} and kinds["physical"] <= kinds["logical"]
+
+
 def test_streaming_completion_and_chat(server, long_text):
     events = post_stream(server, "/v1/completions", {"model": NAME, "prompt": long_text, "max_tokens": 20,
                                                      "temperature": 0})

@@ -239,23 +239,27 @@ def test_selection_counts_travel_from_worker_to_prometheus():
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     from vllm_kvevict.integration.vllm.metrics import EvictionCounters, PromMetrics, attach, take
-    from vllm_kvevict.integration.vllm.worker import SELECTION_ATTR, _with_selection_counts, selection_store
+    from vllm_kvevict.integration.vllm.worker import REPORT_ATTR, _with_worker_report, selection_store
 
     store = selection_store()  # the worker thread's own
     for layer, hit in enumerate([False, True, True]):
         store.record("tokenselect", "r1", hit, 1000 + layer)
     store.record("tokenselect", "r2", False, 700)
-    output = pickle.loads(pickle.dumps(_with_selection_counts(ModelRunnerOutput(req_ids=[], req_id_to_index={}))))
-    counts = getattr(output, SELECTION_ATTR)
-    assert counts == [["tokenselect", 2, 2, [1001.0, 700.0]]]
-    assert store.drain() == []  # drained once per step
+    store.record_compaction("snapkv", "r3", 0.25)
+    store.record_compaction("snapkv", "r3", 0.5)  # layers add up
+    output = pickle.loads(pickle.dumps(_with_worker_report(ModelRunnerOutput(req_ids=[], req_id_to_index={}))))
+    report = getattr(output, REPORT_ATTR)
+    assert report == {"selection": [["tokenselect", 2, 2, [1001.0, 700.0]]], "compaction_s": [["snapkv", 0.75]]}
+    assert store.drain() == {}  # drained once per step
 
     counters = EvictionCounters()
-    counters.add_selection(counts)
+    counters.add_worker_report(report)
+    counters.kv_tokens = {"snapkv": [2000, 400]}
     stats = SchedulerStats()
     attach(stats, counters.drain())
     events = take(MsgpackDecoder(SchedulerStats).decode(MsgpackEncoder().encode(stats)))
-    assert events == {"selection": [["tokenselect", 2, 2, [1001.0, 700.0]]]}
+    assert events == {"selection": [["tokenselect", 2, 2, [1001.0, 700.0]]], "compaction_s": [["snapkv", 0.75]],
+                      "kv_tokens": {"snapkv": [2000, 400]}}
 
     def value(name):
         return REGISTRY.get_sample_value(name, {"policy": "tokenselect"}) or 0.0
@@ -266,3 +270,7 @@ def test_selection_counts_travel_from_worker_to_prometheus():
     after = [value(n) for n in ("vllm_kvevict:selection_cache_hits_total", "vllm_kvevict:selection_cache_misses_total",
                                  "vllm_kvevict:selected_tokens_count", "vllm_kvevict:selected_tokens_sum")]
     assert [a - b for a, b in zip(after, before)] == [2, 2, 2, 1701.0]
+    assert REGISTRY.get_sample_value("vllm_kvevict:kv_cache_tokens", {"policy": "snapkv", "kind": "physical"}) == 400
+    assert REGISTRY.get_sample_value("vllm_kvevict:compaction_seconds_sum", {"policy": "snapkv"}) >= 0.75
+    PromMetrics.get().observe({"kv_tokens": {}})  # nothing running: the gauges drop to 0
+    assert REGISTRY.get_sample_value("vllm_kvevict:kv_cache_tokens", {"policy": "snapkv", "kind": "logical"}) == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
@@ -106,7 +107,10 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             self._ragged_attention(info, query, kv_cache, output)
             self._selected_attention(info, query, kv_cache, output)
             for i, row_table in info.logical_rows.items():
-                self._compact_row(info.step.rows[i], row_table, kv_cache, info.step.num_layers)
+                row = info.step.rows[i]
+                start = time.perf_counter()
+                self._compact_row(row, row_table, kv_cache, info.step.num_layers)
+                selection_store().record_compaction(row.plan.config.policy, row.req_id, time.perf_counter() - start)
         return out
 
     def _ragged_attention(self, info: StepEviction, query: torch.Tensor, kv_cache: torch.Tensor,

@@ -15,9 +15,14 @@ would read it as connector stats) and to feed our Prometheus metrics:
     vllm_kvevict:selection_cache_misses_total{policy}  TokenSelect selections computed (per layer)
     vllm_kvevict:selected_tokens{policy}        histogram: tokens a selecting request attended to in a
                                                 step (mean over layers)
+    vllm_kvevict:compaction_seconds{policy}     histogram: worker time of one request's compaction
+                                                (scoring, selection and moving KV, all layers)
+    vllm_kvevict:kv_cache_tokens{policy,kind}   gauge: KV tokens of running requests, kind = logical
+                                                (positions) or physical (what the cache holds)
+    vllm_kvevict:policy_info{policy,budget}     gauge, always 1: the server-wide policy and budget
 
-TokenSelect's counts start in the worker; they reach the scheduler on the ModelRunnerOutput
-(worker.SELECTION_ATTR) and travel on from there like the compaction events.
+TokenSelect's counts and compaction times start in the worker; they reach the scheduler on the
+ModelRunnerOutput (worker.REPORT_ATTR) and travel on from there like the compaction events.
 
 The metrics live in prometheus_client's default registry, which vLLM's /metrics serves (and which
 prometheus_client's multiprocess mode covers when vLLM turns it on).
@@ -33,6 +38,7 @@ PAYLOAD_KEY = "vllm_kvevict"
 _MARK = "_kvevict_wrapped"
 KEPT_RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SELECTED_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384)
+COMPACTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -47,6 +53,8 @@ class EvictionCounters:
     selection_misses: dict[str, int] = field(default_factory=dict)
     _pending: list[list[Any]] = field(default_factory=list, repr=False)
     _pending_selection: list[list[Any]] = field(default_factory=list, repr=False)
+    _pending_times: list[list[Any]] = field(default_factory=list, repr=False)
+    kv_tokens: dict[str, list[int]] | None = None  # the latest snapshot (scheduler), shipped even if empty
 
     def add(self, policy: str, evicted: int, freed: int, ratio: float | None) -> None:
         """One compaction; `ratio` (kept / prompt tokens) for a prompt's, None for a decode-time one."""
@@ -57,21 +65,32 @@ class EvictionCounters:
             self.kept_ratios.append((policy, ratio))
         self._pending.append([policy, evicted, freed, ratio])
 
-    def add_selection(self, counts: list[list[Any]]) -> None:
-        """One step's TokenSelect counts from the worker: [[policy, hits, misses, [selected, ...]], ...]."""
+    def add_worker_report(self, report: dict[str, list[list[Any]]]) -> None:
+        """One step's report from the worker (worker.SelectionStore.drain)."""
+        self.add_selection(report.get("selection", ()))
+        self._pending_times.extend([policy, float(seconds)] for policy, seconds in report.get("compaction_s", ()))
+
+    def add_selection(self, counts) -> None:
+        """TokenSelect counts: [[policy, hits, misses, [selected, ...]], ...]."""
         for policy, hits, misses, selected in counts:
             self.selection_hits[policy] = self.selection_hits.get(policy, 0) + hits
             self.selection_misses[policy] = self.selection_misses.get(policy, 0) + misses
             self._pending_selection.append([policy, hits, misses, list(selected)])
 
-    def drain(self) -> dict[str, list[list[Any]]]:
+    def drain(self) -> dict[str, Any]:
         """What happened since the last drain: {"compactions": [[policy, evicted_tokens, freed_blocks,
-        kept_ratio or None], ...], "selection": [[policy, hits, misses, [selected, ...]], ...]}; {} if nothing."""
-        out = {}
+        kept_ratio or None], ...], "selection": [[policy, hits, misses, [selected, ...]], ...],
+        "compaction_s": [[policy, seconds], ...], "kv_tokens": {policy: [logical, physical]}}, each key
+        only when it has entries; {} if nothing."""
+        out: dict[str, Any] = {}
         if self._pending:
             out["compactions"], self._pending = self._pending, []
         if self._pending_selection:
             out["selection"], self._pending_selection = self._pending_selection, []
+        if self._pending_times:
+            out["compaction_s"], self._pending_times = self._pending_times, []
+        if self.kv_tokens is not None:
+            out["kv_tokens"], self.kv_tokens = self.kv_tokens, None
         return out
 
 
@@ -100,7 +119,7 @@ class PromMetrics:
     _instance: PromMetrics | None = None
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.evicted = Counter("vllm_kvevict:evicted_tokens", "Prompt tokens evicted by compaction.", ["policy"])
         self.freed = Counter("vllm_kvevict:freed_blocks", "KV blocks freed by compaction.", ["policy"])
@@ -115,6 +134,17 @@ class PromMetrics:
                               "(selection-cache misses, one per layer and query piece).", ["policy"])
         self.selected = Histogram("vllm_kvevict:selected_tokens", "Tokens a TokenSelect request attended to "
                                   "in one step (mean over layers).", ["policy"], buckets=SELECTED_BUCKETS)
+        self.compaction_time = Histogram("vllm_kvevict:compaction_seconds", "Worker time of one request's "
+                                         "compaction: scoring, selection and moving KV over all layers.", ["policy"],
+                                         buckets=COMPACTION_BUCKETS)
+        self.kv_tokens = Gauge("vllm_kvevict:kv_cache_tokens", "KV tokens of running requests: logical positions, "
+                               "or physical slots the cache holds after compaction.", ["policy", "kind"])
+        self.info = Gauge("vllm_kvevict:policy_info", "The server-wide KV policy and budget (value is always 1).",
+                          ["policy", "budget"])
+        self._kv_seen: set[str] = set()
+
+    def set_info(self, policy: str, budget: Any) -> None:
+        self.info.labels(policy, "" if budget is None else str(budget)).set(1)
 
     @classmethod
     def get(cls) -> PromMetrics:
@@ -122,7 +152,16 @@ class PromMetrics:
             cls._instance = cls()
         return cls._instance
 
-    def observe(self, events: dict[str, list[list[Any]]]) -> None:
+    def observe(self, events: dict[str, Any]) -> None:
+        for policy, seconds in events.get("compaction_s", ()):
+            self.compaction_time.labels(policy).observe(seconds)
+        snapshot = events.get("kv_tokens")
+        if snapshot is not None:
+            for policy in self._kv_seen | set(snapshot):  # a policy with no running request drops to 0
+                logical, physical = snapshot.get(policy, (0, 0))
+                self.kv_tokens.labels(policy, "logical").set(logical)
+                self.kv_tokens.labels(policy, "physical").set(physical)
+            self._kv_seen |= set(snapshot)
         for policy, hits, misses, selected in events.get("selection", ()):
             self.hits.labels(policy).inc(hits)
             self.misses.labels(policy).inc(misses)
@@ -150,5 +189,15 @@ def install() -> None:
             PromMetrics.get().observe(events)
         return original(self, scheduler_stats, *args, **kwargs)
 
+    original_init = StatLoggerManager.__init__
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        original_init(self, vllm_config, *args, **kwargs)
+        from vllm_kvevict.integration.vllm.settings import server_config
+
+        config = server_config(vllm_config.additional_config)
+        PromMetrics.get().set_info(config.policy, config.budget)
+
     setattr(record, _MARK, True)
     StatLoggerManager.record = record
+    StatLoggerManager.__init__ = __init__

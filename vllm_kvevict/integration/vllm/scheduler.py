@@ -18,7 +18,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvevict.integration.vllm.metrics import EvictionCounters, attach
 from vllm_kvevict.integration.vllm.settings import request_plan, server_config
-from vllm_kvevict.integration.vllm.worker import SELECTION_ATTR
+from vllm_kvevict.integration.vllm.worker import REPORT_ATTR
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -41,13 +41,29 @@ class KVEvictScheduler(Scheduler):
 
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
+        if stats is not None:
+            self.kv_counters.kv_tokens = self._kv_tokens()
         attach(stats, self.kv_counters.drain())  # drained either way, so nothing piles up
         return stats
 
+    def _kv_tokens(self) -> dict[str, list[int]]:
+        """Per policy: [logical, physical] KV tokens of the running requests (physical: what the cache
+        holds after compaction; selection frees nothing, so its physical equals its logical)."""
+        out: dict[str, list[int]] = {}
+        for request in self.running:
+            plan = self.kv_plan(request)
+            logical = request.num_computed_tokens
+            comp = plan.compaction
+            physical = logical if comp is None else comp.physical_len(logical)
+            acc = out.setdefault(plan.config.policy, [0, 0])
+            acc[0] += logical
+            acc[1] += physical
+        return out
+
     def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
-        counts = getattr(model_runner_output, SELECTION_ATTR, None)  # TokenSelect, from the worker
-        if counts:
-            self.kv_counters.add_selection(counts)
+        report = getattr(model_runner_output, REPORT_ATTR, None)  # selection counts, compaction times
+        if report:
+            self.kv_counters.add_worker_report(report)
         return super().update_from_output(scheduler_output, model_runner_output, *args, **kwargs)
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):

@@ -20,9 +20,10 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm_kvevict.integration.vllm.settings import RequestPlan, request_plan, server_config
 from vllm_kvevict.policies.tokenselect import SelectionCache
 
-#: ModelRunnerOutput attribute carrying this step's TokenSelect counts to the scheduler (the MP executor
-#: pickles the object whole, so an attribute survives; the scheduler reads it in update_from_output).
-SELECTION_ATTR = "kvevict_selection"
+#: ModelRunnerOutput attribute carrying this step's worker report (TokenSelect counts, compaction times)
+#: to the scheduler (the MP executor pickles the object whole, so an attribute survives; the scheduler
+#: reads it in update_from_output).
+REPORT_ATTR = "kvevict_report"
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,19 @@ class LaneStore:
 
 
 class SelectionStore:
-    """TokenSelect state of this worker: the selection cache per (request, layer), and the counts the
-    scheduler exports (hits, misses, selected tokens per request and step), drained once per step."""
+    """TokenSelect state of this worker (the selection cache per (request, layer)) and what the scheduler
+    exports from this worker: selection hits, misses and selected tokens per request and step, and the
+    time each request's compaction took (summed over layers). Drained once per step."""
 
     def __init__(self) -> None:
         self.cache = SelectionCache(threshold=0.9)  # each lookup passes its request's own threshold
         self._counts: dict[str, list[int]] = {}  # policy -> [hits, misses]
         self._selected: dict[tuple[str, str], list[int]] = {}  # (policy, request) -> [sum over layers, layers]
+        self._compaction_s: dict[tuple[str, str], float] = {}  # (policy, request) -> seconds this step
+
+    def record_compaction(self, policy: str, req_id: str, seconds: float) -> None:
+        key = (policy, req_id)
+        self._compaction_s[key] = self._compaction_s.get(key, 0.0) + seconds
 
     def record(self, policy: str, req_id: str, hit: bool, selected: int) -> None:
         counts = self._counts.setdefault(policy, [0, 0])
@@ -144,13 +151,16 @@ class SelectionStore:
         acc[0] += selected
         acc[1] += 1
 
-    def drain(self) -> list[list]:
-        """[[policy, hits, misses, [mean selected tokens of each request this step, ...]], ...]"""
-        out = []
+    def drain(self) -> dict[str, list[list]]:
+        """{"selection": [[policy, hits, misses, [mean selected tokens of each request, ...]], ...],
+        "compaction_s": [[policy, seconds], ...]}, each key only when it has entries."""
+        out: dict[str, list[list]] = {}
         for policy, (hits, misses) in self._counts.items():
             sizes = [total / layers for (p, _), (total, layers) in self._selected.items() if p == policy]
-            out.append([policy, hits, misses, sizes])
-        self._counts, self._selected = {}, {}
+            out.setdefault("selection", []).append([policy, hits, misses, sizes])
+        if self._compaction_s:
+            out["compaction_s"] = [[policy, seconds] for (policy, _), seconds in self._compaction_s.items()]
+        self._counts, self._selected, self._compaction_s = {}, {}, {}
         return out
 
     def restart(self, req_id: str) -> None:
@@ -252,15 +262,15 @@ class KVEvictCPUWorker(CPUWorker):
         instrument_runner(self.model_runner, self.vllm_config)
 
     def execute_model(self, *args, **kwargs):
-        return _with_selection_counts(super().execute_model(*args, **kwargs))
+        return _with_worker_report(super().execute_model(*args, **kwargs))
 
     def sample_tokens(self, *args, **kwargs):
-        return _with_selection_counts(super().sample_tokens(*args, **kwargs))
+        return _with_worker_report(super().sample_tokens(*args, **kwargs))
 
 
-def _with_selection_counts(output):
+def _with_worker_report(output):
     if isinstance(output, ModelRunnerOutput):
-        counts = selection_store().drain()
-        if counts:
-            setattr(output, SELECTION_ATTR, counts)
+        report = selection_store().drain()
+        if report:
+            setattr(output, REPORT_ATTR, report)
     return output
