@@ -83,7 +83,7 @@ def _lane_attention_kernel(
         tl.store(o_ptr + qi * so_n + heads[:, None] * so_h + d[None, :] * so_d,
                  out.to(o_ptr.dtype.element_ty), mask=omask)
     else:  # partials: [Nq, H_q, S, D] accumulators and [Nq, H_q, S] max / sum (an empty split: -inf / 0)
-        part = (qi * (NUM_KV_HEADS * GROUP) + heads) * NUM_SPLITS + split
+        part = ((qi * (NUM_KV_HEADS * GROUP) + heads) * NUM_SPLITS + split).to(tl.int64)
         tl.store(o_ptr + part[:, None] * DIM_PAD + d[None, :], acc, mask=omask)
         tl.store(m_ptr + part, m, mask=gmask)
         tl.store(l_ptr + part, l, mask=gmask)
@@ -97,7 +97,7 @@ def _combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, so_n, so_h, so_d, num_qh,
     sp = tl.arange(0, SPLIT_PAD)
     d = tl.arange(0, DIM_PAD)
     smask = sp < NUM_SPLITS
-    part = (qi * num_qh + qh) * NUM_SPLITS + sp
+    part = ((qi * num_qh + qh) * NUM_SPLITS + sp).to(tl.int64)
     m = tl.load(m_ptr + part, mask=smask, other=float("-inf"))
     l = tl.load(l_ptr + part, mask=smask, other=0.0)
     acc = tl.load(acc_ptr + part[:, None] * DIM_PAD + d[None, :], mask=smask[:, None], other=0.0)

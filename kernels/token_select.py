@@ -132,7 +132,7 @@ def paged_scores(query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor, pos
     out = torch.empty(query.shape[0], num_cand, dtype=torch.float32, device=query.device)
     if num_cand == 0:
         return out
-    row = row.to(torch.int32).contiguous()
+    row = row.to(device=query.device, dtype=torch.int32).contiguous()
     _paged_scores_kernel[(keys.shape[1], triton.cdiv(num_cand, block_c))](
         query, keys, row, out, first, num_cand, *query.stride(), *keys.stride(), *out.stride(),
         **_pads(query.shape[0], keys.shape[1], query.shape[1]), BLOCK_SIZE=keys.shape[2], BLOCK_C=block_c,
@@ -167,7 +167,7 @@ def sparse_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     out = torch.empty_like(query)
     if num_q == 0:
         return out
-    row = row.to(torch.int32).contiguous()
+    row = row.to(device=query.device, dtype=torch.int32).contiguous()
     sel = selected.to(device=query.device, dtype=torch.int32).contiguous()
     _sparse_attention_kernel[(num_q, keys.shape[1])](
         query, keys, values, out, row, sel, sel.numel(), ctx, scale,

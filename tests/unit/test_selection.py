@@ -77,3 +77,17 @@ def test_sparse_attention_over_every_position_is_full_causal_attention():
     mask[:, 100:] = torch.tril(torch.ones(4, 4, dtype=torch.bool))
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125).transpose(0, 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pieces_cut_at_aligned_positions_and_any_late_piece_selects():
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    ts = PolicyConfig.from_dict({"policy": "tokenselect", "budget": 2048}).build()  # selects past 2688
+    assert ts.pieces(0, 1100) == [(0, 512), (512, 1024), (1024, 1100)]
+    assert ts.pieces(700, 1024) == [(700, 1024)]
+    assert ts.pieces(1947, 1948) == [(1947, 1948)]  # a decode step
+    assert ts.pieces(5, 5) == []
+    # an 8K first chunk starts at 0 but its pieces from 3072 on select (review finding: do not skip them)
+    assert ts.selects_within(0, 8192) and not ts.selects(0)
+    assert not ts.selects_within(0, 2689)  # the last piece starts at 2560 <= 2688
+    assert ts.selects_within(2689, 2690)

@@ -143,6 +143,11 @@ class TokenSelect:
         cuts = [first] + list(range((first // size + 1) * size, last, size)) + [last]
         return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
+    def selects_within(self, first: int, last: int) -> bool:
+        """Whether any piece of positions [first, last) selects (the last piece starts latest)."""
+        pieces = self.pieces(first, last)
+        return bool(pieces) and self.selects(pieces[-1][0])
+
     def selects(self, num_tokens: int) -> bool:
         """Whether a query over `num_tokens` cached tokens selects (else it attends to all of them)."""
         return num_tokens > self.n_init + self.top_k + self.n_local

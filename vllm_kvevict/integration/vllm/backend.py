@@ -174,7 +174,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             scores = paged_scores(q.float().mean(dim=0), keys, table, positions)
             picked = positions[vote_topk(scores, policy.top_k, policy.pool_kernel)]
             store.cache.store((row.req_id, self._kv_layer), fingerprint, picked)
-        selected = with_fixed_windows(picked, ctx, policy.n_init, policy.n_local)
+        selected = with_fixed_windows(picked[picked < ctx], ctx, policy.n_init, policy.n_local)
         store.record(policy.name, row.req_id, hit, int(selected.numel()))
         return selected
 

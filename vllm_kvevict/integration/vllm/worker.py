@@ -9,12 +9,13 @@ read it in the same process and the same step.
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 
 import torch
 
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvevict.integration.vllm.settings import RequestPlan, request_plan, server_config
@@ -53,8 +54,9 @@ class RowInfo:
 
     @property
     def selects(self) -> bool:
-        """A TokenSelect request whose cached context is long enough to select from this step."""
-        return self.plan.config.kind == "select" and self.plan.policy.selects(self.num_computed)
+        """A TokenSelect request with at least one query piece this step whose context selects."""
+        return self.plan.config.kind == "select" and self.plan.policy.selects_within(
+            self.num_computed, self.num_computed + self.num_scheduled)
 
     @property
     def reaches_point(self) -> bool:
@@ -272,5 +274,7 @@ def _with_worker_report(output):
     if isinstance(output, ModelRunnerOutput):
         report = selection_store().drain()
         if report:
+            if output is EMPTY_MODEL_RUNNER_OUTPUT:  # vLLM's shared instance: never tag it
+                output = copy.copy(output)
             setattr(output, REPORT_ATTR, report)
     return output
