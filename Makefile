@@ -57,9 +57,9 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The quality and capacity runs behind docs/results.md (about 45 minutes on 2 CPU cores; not part of
-# `test`). The full task grid (EVAL_ARGS="... --tasks passkey,niah,niah_multikey,niah_multivalue,vt,agreement,ppl
-# --depths 0.1,0.5,0.9") is about 7 hours here.
+# The quality and capacity runs behind docs/results.md (over an hour on 2 idle CPU cores: run it alone;
+# not part of `test`). The full task grid (EVAL_ARGS="... --tasks passkey,niah,niah_multikey,niah_multivalue,
+# vt,agreement,ppl --depths 0.1,0.5,0.9") is about 7 hours here.
 EVAL_ARGS ?= --policies streamingllm,snapkv,pyramidkv,ada-snapkv,ada-pyramidkv,vatp,nacl,tokenselect \
 	--context 1024,2048,4096 --policy-context 2048 --budgets 128,256,512 \
 	--tasks passkey,niah,agreement --depths 0.2,0.8 --samples 2
