@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvevict.kernels.tile import online_softmax_update
+from vllm_kvevict.kernels.tile import empty_softmax_state, load_query_group, online_softmax_update
 
 
 @triton.jit
@@ -51,11 +51,8 @@ def _lane_attention_kernel(
     d = tl.arange(0, DIM_PAD)
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + qi * sq_n + (h * GROUP + g)[:, None] * sq_h + d[None, :] * sq_d,
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    q = load_query_group(q_ptr, qi, h, sq_n, sq_h, sq_d, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD)
+    m, l, acc = empty_softmax_state(GROUP_PAD, DIM_PAD)
     offs = tl.arange(0, BLOCK_N)
     row = table_ptr + req * s_table
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvevict.kernels.tile import online_softmax_update
+from vllm_kvevict.kernels.tile import empty_softmax_state, load_query_group, online_softmax_update
 
 from vllm_kvevict.policies.tokenselect import vote_topk as _vote_topk
 
@@ -89,11 +89,8 @@ def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, row_ptr, sel_ptr, num_s
     d = tl.arange(0, DIM_PAD)
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + qi * sq_n + (h * GROUP + g)[:, None] * sq_h + d[None, :] * sq_d,
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
+    q = load_query_group(q_ptr, qi, h, sq_n, sq_h, sq_d, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD)
+    m, l, acc = empty_softmax_state(GROUP_PAD, DIM_PAD)
     offs = tl.arange(0, BLOCK_N)
     total = num_sel + qi + 1  # the selected positions, then this step's tokens up to the query itself
     for base in range(0, total, BLOCK_N):
