@@ -104,7 +104,8 @@ def main() -> None:
         "## Quality under compression", "",
         "Budgets are tokens kept per KV head (per layer), the whole prompt is compressed (the question "
         "and the answer prefix sit in the last 32 tokens, SnapKV's observation window). Intervals are 95% "
-        "(Wilson for pass/fail tasks, bootstrap otherwise); with n = 6 per cell they are wide: read the "
+        f"(Wilson for pass/fail tasks, bootstrap otherwise); with n = {max(r['n'] for r in ev['records'])} per cell "
+        "at most they are wide: read the "
         "tables for trends, not for ranks between close policies.", "",
         *_summary(ev),
         f"![accuracy vs budget]({rel(args.eval)}/accuracy_vs_budget_{min(r['context'] for r in ev['records'] if r['policy'] != 'none')}.png)",
