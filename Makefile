@@ -30,7 +30,7 @@ endif
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu.lock scripts/install_vllm_shim.py
+$(STAMP): pyproject.toml requirements/cpu.lock scripts/install_vllm_shim.py scripts/install_tools.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 ifeq ($(HAS_GPU),1)
@@ -42,6 +42,8 @@ else
 	$(BIN)/python scripts/install_vllm_shim.py
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 endif
+	@# prometheus, promtool and kubectl (kustomize) from Debian's packages, unpacked into the venv
+	scripts/install_tools.sh $(VENV)
 	@touch $(STAMP)
 
 model: setup
