@@ -68,7 +68,7 @@ def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept
     """The Triton twin of `vllm_kvevict.lanes.pack_lanes` (same arguments, same result, in place)."""
     if keys.shape[1] != lanes.num_heads:
         raise ValueError(f"the lane map has {lanes.num_heads} heads, the cache {keys.shape[1]}")
-    src, dst = pack_addresses(row, kept, lanes, lanes.block_size)
+    src, dst = pack_addresses(row, kept, lanes)
     num = src[0].numel()
     staged = torch.empty(2, num, 1, 1, keys.shape[-1], dtype=keys.dtype, device=keys.device)
     at = torch.arange(num, device=keys.device)

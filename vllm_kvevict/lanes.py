@@ -117,7 +117,7 @@ class LaneMap:
         return g // self.num_heads, g % self.num_heads, i % self.block_size
 
 
-def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneMap, block_size: int
+def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneMap
                    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Where each kept token is read from and written to: ((block, head, slot), (block, lane, slot)).
 
@@ -127,6 +127,7 @@ def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneM
     """
     if len(kept) != lanes.num_heads:
         raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}")
+    block_size = lanes.block_size
     src, dst = [], []
     for h, pos in enumerate(kept):
         if pos.numel() != lanes.lengths[h]:
@@ -147,7 +148,7 @@ def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept
     """
     if keys.shape[1] != lanes.num_heads:
         raise ValueError(f"the lane map has {lanes.num_heads} heads, the cache {keys.shape[1]}")
-    src, dst = pack_addresses(row, kept, lanes, lanes.block_size)
+    src, dst = pack_addresses(row, kept, lanes)
     staged_k, staged_v = keys[src].clone(), values[src].clone()
     keys[dst] = staged_k
     values[dst] = staged_v

@@ -254,9 +254,8 @@ def test_selection_counts_travel_from_worker_to_prometheus():
 
     counters = EvictionCounters()
     counters.add_worker_report(report)
-    counters.kv_tokens = {"snapkv": [2000, 400]}
     stats = SchedulerStats()
-    attach(stats, counters.drain())
+    attach(stats, counters.drain(kv_tokens={"snapkv": [2000, 400]}))
     events = take(MsgpackDecoder(SchedulerStats).decode(MsgpackEncoder().encode(stats)))
     assert events == {"selection": [["tokenselect", 2, 2, [1001.0, 700.0]]], "compaction_s": [["snapkv", 0.75]],
                       "kv_tokens": {"snapkv": [2000, 400]}}

@@ -119,6 +119,8 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         its lane; replace those rows' output with attention over each head's own lanes + the tail."""
         if info.step_tables is None:
             return
+        keys, values = kv_views(kv_cache)
+        keys = keys.transpose(-1, -2)
         for i, row in enumerate(info.step.rows):
             if not row.compacted:
                 continue
@@ -129,11 +131,9 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             first, last = info.query_start[i], info.query_start[i + 1]
             tail_len = row.num_computed + row.num_scheduled - comp.compactable_tokens
             physical_row = _physical_table(comp, info.step_tables[i], row.epoch)
-            keys, values = kv_views(kv_cache)
             q = query[first:last]
             out = output[first:last].view(last - first, q.shape[1], q.shape[2])
-            out.copy_(lane_attention(q, keys.transpose(-1, -2), values, physical_row, lanes,
-                                     comp.kept_blocks, tail_len, self.scale))
+            out.copy_(lane_attention(q, keys, values, physical_row, lanes, comp.kept_blocks, tail_len, self.scale))
 
     def _selected_attention(self, info: StepEviction, query: torch.Tensor, kv_cache: torch.Tensor,
                             output: torch.Tensor) -> None:
@@ -152,16 +152,14 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
                 continue
             policy = row.plan.policy
             table = info.step_tables[i]
-            base = info.query_start[i] - row.num_computed
-            out = output[base + row.num_computed : base + row.num_computed + row.num_scheduled]
-            out = out.view(row.num_scheduled, query.shape[1], query.shape[2])
+            base = info.query_start[i] - row.num_computed  # position p's token is batch row base + p
+            out = output.view(-1, query.shape[1], query.shape[2])
             for first, last in policy.pieces(row.num_computed, row.num_computed + row.num_scheduled):
                 if not policy.selects(first):
                     continue
                 q = query[base + first : base + last]
                 selected = self._select(row, policy, q, keys, table, first)
-                out[first - row.num_computed : last - row.num_computed] = sparse_attention(
-                    q, keys, values, table, selected, first, self.scale)
+                out[base + first : base + last] = sparse_attention(q, keys, values, table, selected, first, self.scale)
 
     def _select(self, row: RowInfo, policy, q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor,
                 ctx: int) -> torch.Tensor:

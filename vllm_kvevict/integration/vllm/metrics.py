@@ -54,7 +54,6 @@ class EvictionCounters:
     _pending: list[list[Any]] = field(default_factory=list, repr=False)
     _pending_selection: list[list[Any]] = field(default_factory=list, repr=False)
     _pending_times: list[list[Any]] = field(default_factory=list, repr=False)
-    kv_tokens: dict[str, list[int]] | None = None  # the latest snapshot (scheduler), shipped even if empty
 
     def add(self, policy: str, evicted: int, freed: int, ratio: float | None) -> None:
         """One compaction; `ratio` (kept / prompt tokens) for a prompt's, None for a decode-time one."""
@@ -77,11 +76,11 @@ class EvictionCounters:
             self.selection_misses[policy] = self.selection_misses.get(policy, 0) + misses
             self._pending_selection.append([policy, hits, misses, list(selected)])
 
-    def drain(self) -> dict[str, Any]:
+    def drain(self, kv_tokens: dict[str, list[int]] | None = None) -> dict[str, Any]:
         """What happened since the last drain: {"compactions": [[policy, evicted_tokens, freed_blocks,
         kept_ratio or None], ...], "selection": [[policy, hits, misses, [selected, ...]], ...],
-        "compaction_s": [[policy, seconds], ...], "kv_tokens": {policy: [logical, physical]}}, each key
-        only when it has entries; {} if nothing."""
+        "compaction_s": [[policy, seconds], ...]}, each key only when it has entries, plus the scheduler's
+        `kv_tokens` snapshot {policy: [logical, physical]} when given (even empty: the gauges drop to 0)."""
         out: dict[str, Any] = {}
         if self._pending:
             out["compactions"], self._pending = self._pending, []
@@ -89,8 +88,8 @@ class EvictionCounters:
             out["selection"], self._pending_selection = self._pending_selection, []
         if self._pending_times:
             out["compaction_s"], self._pending_times = self._pending_times, []
-        if self.kv_tokens is not None:
-            out["kv_tokens"], self.kv_tokens = self.kv_tokens, None
+        if kv_tokens is not None:
+            out["kv_tokens"] = kv_tokens
         return out
 
 

@@ -30,7 +30,7 @@ class KVEvictScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.kv_server_config = server_config(self.vllm_config.additional_config)
         self.kv_block_size = self.cache_config.block_size
-        self.kv_num_layers = self.vllm_config.model_config.get_num_layers(self.vllm_config.parallel_config)
+        self.kv_num_layers = self.vllm_config.model_config.get_total_num_hidden_layers()  # global layer ids, also under PP
         self.kv_freed: dict[str, int] = {}  # request id -> freed block count (compaction applied)
         self.kv_counters = EvictionCounters()
 
@@ -41,9 +41,8 @@ class KVEvictScheduler(Scheduler):
 
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
-        if stats is not None:
-            self.kv_counters.kv_tokens = self._kv_tokens()
-        attach(stats, self.kv_counters.drain())  # drained either way, so nothing piles up
+        snapshot = self._kv_tokens() if stats is not None else None
+        attach(stats, self.kv_counters.drain(snapshot))  # drained either way, so nothing piles up
         return stats
 
     def _kv_tokens(self) -> dict[str, list[int]]:

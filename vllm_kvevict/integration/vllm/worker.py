@@ -10,6 +10,7 @@ read it in the same process and the same step.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class RowInfo:
         comp = self.plan.compaction
         return None if comp is None else comp.next_point(self.num_computed)
 
-    @property
+    @functools.cached_property  # asked by the builder and by every layer's attention in the step
     def selects(self) -> bool:
         """A TokenSelect request with at least one query piece this step whose context selects."""
         return self.plan.config.kind == "select" and self.plan.policy.selects_within(
@@ -75,60 +76,46 @@ class StepContext:
         return any((r.plan.compaction is not None and not r.plan.compaction.is_noop) or r.selects for r in self.rows)
 
 
-class QueryStore:
-    """Queries captured for prompts still being prefilled: (request, layer) -> [(first position, [n, H, D])].
-
-    One per worker thread. Entries go when the prompt is compacted, when the request restarts its
-    prefill (preemption), or when vLLM reports it finished or aborted."""
+class _PerRequestLayer:
+    """A worker-thread store keyed by (request, layer), emptied per layer when the request's prefill
+    restarts (preemption + recompute) and per request when vLLM reports it finished or aborted."""
 
     def __init__(self) -> None:
-        self._chunks: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = {}
+        self._items: dict[tuple[str, int], object] = {}
+
+    def restart(self, req_id: str, layer: int) -> None:
+        self._items.pop((req_id, layer), None)
+
+    def purge(self, req_ids) -> None:
+        gone = set(req_ids)
+        if gone:
+            for key in [k for k in self._items if k[0] in gone]:
+                del self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class QueryStore(_PerRequestLayer):
+    """Queries captured for prompts still being prefilled: (request, layer) -> [(first position, [n, H, D])].
+    Entries also go when the prompt is compacted."""
 
     def add(self, req_id: str, layer: int, first: int, rows: torch.Tensor) -> None:
-        self._chunks.setdefault((req_id, layer), []).append((first, rows))
-
-    def restart(self, req_id: str, layer: int) -> None:
-        self._chunks.pop((req_id, layer), None)
+        self._items.setdefault((req_id, layer), []).append((first, rows))
 
     def pop(self, req_id: str, layer: int) -> list[tuple[int, torch.Tensor]]:
-        return self._chunks.pop((req_id, layer), [])
-
-    def purge(self, req_ids) -> None:
-        gone = set(req_ids)
-        if gone:
-            for key in [k for k in self._chunks if k[0] in gone]:
-                del self._chunks[key]
-
-    def __len__(self) -> int:
-        return len(self._chunks)
+        return self._items.pop((req_id, layer), [])
 
 
-class LaneStore:
+class LaneStore(_PerRequestLayer):
     """Head-lane maps of requests compacted in the ragged layout: (request, layer) -> LaneMap.
-
-    Written by the compaction, read by attention every later step; dropped with the request (finished,
-    aborted) or when its prefill restarts (preemption + recompute compacts again)."""
-
-    def __init__(self) -> None:
-        self._maps: dict[tuple[str, int], object] = {}
+    Written by the compaction, read by attention every later step."""
 
     def put(self, req_id: str, layer: int, lanes) -> None:
-        self._maps[(req_id, layer)] = lanes
+        self._items[(req_id, layer)] = lanes
 
     def get(self, req_id: str, layer: int):
-        return self._maps.get((req_id, layer))
-
-    def restart(self, req_id: str, layer: int) -> None:
-        self._maps.pop((req_id, layer), None)
-
-    def purge(self, req_ids) -> None:
-        gone = set(req_ids)
-        if gone:
-            for key in [k for k in self._maps if k[0] in gone]:
-                del self._maps[key]
-
-    def __len__(self) -> int:
-        return len(self._maps)
+        return self._items.get((req_id, layer))
 
 
 class SelectionStore:
@@ -165,9 +152,6 @@ class SelectionStore:
         self._counts, self._selected, self._compaction_s = {}, {}, {}
         return out
 
-    def restart(self, req_id: str) -> None:
-        self.cache.drop(req_id)
-
     def purge(self, req_ids) -> None:
         for rid in set(req_ids):
             self.cache.drop(rid)
@@ -176,25 +160,24 @@ class SelectionStore:
 _local = threading.local()
 
 
-def lane_store() -> LaneStore:
-    store = getattr(_local, "lanes", None)
+def _store(name: str, cls):
+    store = getattr(_local, name, None)
     if store is None:
-        store = _local.lanes = LaneStore()
+        store = cls()
+        setattr(_local, name, store)
     return store
+
+
+def lane_store() -> LaneStore:
+    return _store("lanes", LaneStore)
 
 
 def selection_store() -> SelectionStore:
-    store = getattr(_local, "selection", None)
-    if store is None:
-        store = _local.selection = SelectionStore()
-    return store
+    return _store("selection", SelectionStore)
 
 
 def query_store() -> QueryStore:
-    store = getattr(_local, "queries", None)
-    if store is None:
-        store = _local.queries = QueryStore()
-    return store
+    return _store("queries", QueryStore)
 
 
 def current_step() -> StepContext | None:
@@ -236,7 +219,7 @@ def instrument_runner(runner, vllm_config) -> None:
         return
     runner._kvevict_server_config = server_config(vllm_config.additional_config)
     block_size = vllm_config.cache_config.block_size
-    num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    num_layers = vllm_config.model_config.get_total_num_hidden_layers()  # layer ids are global under PP
     original_build = runner._build_attention_metadata
     original_update = runner._update_states
 
