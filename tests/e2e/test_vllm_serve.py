@@ -270,3 +270,40 @@ def test_tokenselect_server_answers_and_counts_selections(tmp_path, long_text):
         assert 16 + 64 <= after[("vllm_kvevict:selected_tokens_sum", "tokenselect")] / after[
             ("vllm_kvevict:selected_tokens_count", "tokenselect")] <= 16 + 64 + 64 + 1024
         assert hits + after[key] >= 19 * 30
+
+
+def test_quick_loadtest_report_from_real_prometheus(server, tmp_path):
+    """`vllm-kvevict loadtest --quick` against the live server: vllm bench serve drives a mixed,
+    streamed, ramping load once with `none` and once with `snapkv` (per-request overrides); Debian's
+    prometheus scrapes /metrics; every chart's series comes back from its query API non-empty."""
+    out = tmp_path / "load"
+    cli = str(Path(sys.executable).with_name("vllm-kvevict"))
+    proc = subprocess.run([cli, "loadtest", "--quick", "--url", server, "--policies", "none,snapkv",
+                           "--budget", "256", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [p["policy"] for p in report["phases"]] == ["none", "snapkv"]
+    assert sum(report["mix"].values()) == 8 and report["mix"]["qa"] > 0
+    for phase in report["phases"]:
+        client = phase["client"]
+        assert client["completed"] == 8, phase
+        assert client["p95_ttft_ms"] >= client["p50_ttft_ms"] > 0 and client["p50_itl_ms"] > 0
+        assert 0 < phase["prometheus"]["kv_usage_max"] <= 1
+        assert phase["prometheus"]["generation_tokens"] >= client["total_output_tokens"] * 0.9
+    none, snap = report["phases"]
+    # the same rows, EOS ignored: both phases generated the same tokens; only snapkv evicted
+    assert none["client"]["total_output_tokens"] == snap["client"]["total_output_tokens"]
+    assert none["prometheus"]["evicted_tokens"] == 0 and snap["prometheus"]["evicted_tokens"] > 0
+    assert snap["prometheus"]["freed_blocks"] > 0
+    for chart, lines in report["series"].items():
+        for line in lines:
+            assert line["points"], (chart, line["legend"], line["query"])
+    peak = max(v for _, v in report["series"]["evictions"][0]["points"])
+    assert peak > 0  # evicted tokens/s rose during the snapkv phase
+    assert sorted(report["charts"]) == ["evictions.png", "kv_usage.png", "latency.png", "overview.png",
+                                        "summary.png", "throughput.png"]
+    for name in report["charts"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    table = (out / "report.md").read_text()
+    assert "| none |" in table and "| snapkv |" in table

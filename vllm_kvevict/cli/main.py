@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_kvevict.cli import eval_cmd, model_cmd, policies_cmd
+from vllm_kvevict.cli import config_cmd, eval_cmd, loadtest_cmd, locret_cmd, model_cmd, policies_cmd
 
-_COMMANDS = (policies_cmd, model_cmd, eval_cmd)
+_COMMANDS = (policies_cmd, model_cmd, eval_cmd, loadtest_cmd, config_cmd, locret_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,6 +141,21 @@ class PromMetrics:
         self.info = Gauge("vllm_kvevict:policy_info", "The server-wide KV policy and budget (value is always 1).",
                           ["policy", "budget"])
         self._kv_seen: set[str] = set()
+        self._initialize_children()
+
+    def _initialize_children(self) -> None:
+        """Create every policy's series at 0 up front (Prometheus practice for known label values):
+        a counter born at its first event hides that event from rate() and increase(), so the first
+        request a policy compacts would never show on a dashboard or in a load report."""
+        from vllm_kvevict.policies.presets import POLICIES
+
+        for name, spec in POLICIES.items():
+            if spec.kind == "evict":
+                for metric in (self.evicted, self.freed, self.compactions, self.kept_ratio, self.compaction_time):
+                    metric.labels(name)
+            elif spec.kind == "select":
+                for metric in (self.hits, self.misses, self.selected):
+                    metric.labels(name)
 
     def set_info(self, policy: str, budget: Any) -> None:
         self.info.labels(policy, "" if budget is None else str(budget)).set(1)
