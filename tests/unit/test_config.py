@@ -79,8 +79,9 @@ def test_per_request_override_of_a_server_config():
 
 
 def test_locret_without_weights_fails_clearly(tmp_path):
+    # weights ship for the default model (models/locret/), so point at a file that does not exist
     with pytest.raises(LocretWeightsMissing, match="locret needs trained retaining heads"):
-        PolicyConfig("locret").build()
+        PolicyConfig("locret", params=(("weights", str(tmp_path / "none.pt")),)).build()
     with pytest.raises(LocretWeightsMissing, match="does not exist"):
         from vllm_kvevict.policies.locret import load_retaining_heads
 

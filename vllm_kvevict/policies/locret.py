@@ -3,8 +3,12 @@
 A retaining head per layer maps a token's pre-RoPE [q, k, v] to one causal importance score (CIS)
 per KV head: fc1 ((H_q + 2 H_kv) * d -> d_R), the model's activation (SiLU), fc2 (d_R -> H_kv), no
 biases (SPEC.md 2.9). During chunked prefill the cache keeps the top-`budget` units by predicted CIS,
-the last `stabilizers` tokens forced in. The heads must be trained for the model (a later issue);
-without weights the policy refuses to run rather than invent scores.
+the last `stabilizers` tokens forced in. The heads must be trained for the model
+(`vllm_kvevict.locret_train`; trained heads ship for the default model in models/locret/); without
+weights the policy refuses to run rather than invent scores.
+
+The shipped heads predict log(CIS * N + 0.01) (see `locret_train.cis_target`), not CIS itself: the
+transform is strictly increasing, so ranking the outputs (all the policy does) ranks by CIS.
 
 Shapes: qkv [T, (H_q + 2 H_kv) * d] -> CIS [H_kv, T].
 """
@@ -67,8 +71,15 @@ class RetainingHeads(nn.Module):
         """Predicted CIS [H_kv, T] for layer `layer`."""
         return self.heads[layer](qkv).transpose(0, 1)
 
-    def save(self, path: str | Path, meta: dict | None = None) -> None:
-        torch.save({"shape": asdict(self.shape), "meta": meta or {}, "state_dict": self.state_dict()}, path)
+    def save(self, path: str | Path, meta: dict | None = None, dtype: torch.dtype | None = None) -> None:
+        """Write shape, meta and weights; `dtype` (e.g. torch.float16) stores the weights smaller.
+
+        Loading always gives fp32 modules: a ranking head loses nothing measurable to fp16 storage
+        and the shipped file stays a few MB."""
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        torch.save({"shape": asdict(self.shape), "meta": meta or {}, "state_dict": state}, path)
 
 
 def load_retaining_heads(path: str | Path, expect: HeadShape | None = None) -> RetainingHeads:
@@ -86,7 +97,8 @@ def load_retaining_heads(path: str | Path, expect: HeadShape | None = None) -> R
                     f"but the model has {field}={getattr(expect, field)}"
                 )
     heads = RetainingHeads(shape)
-    heads.load_state_dict(blob["state_dict"])
+    heads.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    heads.meta = blob.get("meta", {})  # training record (command, data, held-out metrics)
     return heads.eval()
 
 
@@ -121,8 +133,8 @@ class Locret(EvictionPolicy):
         if not Path(weights).is_file():
             raise LocretWeightsMissing(
                 f"locret needs trained retaining heads and none were found at {str(weights)!r}. "
-                "No trained weights ship for the default model yet; pass weights=PATH "
-                "(a file saved by RetainingHeads.save for your model's shape)."
+                "Weights ship only for the default model (SmolLM2-135M-Instruct); for another model train "
+                "them with `vllm-kvevict locret train --model DIR` and pass weights=PATH."
             )
         self.heads = load_retaining_heads(weights)
 

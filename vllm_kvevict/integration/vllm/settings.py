@@ -62,7 +62,8 @@ SERVED_KINDS = ("none", "evict", "select")
 
 def check_servable(config: PolicyConfig) -> None:
     """Raise ValueError if vLLM cannot run `config` (a kind not wired yet, a policy that cannot build)."""
-    if config.kind not in SERVED_KINDS:
+    if config.kind not in SERVED_KINDS or config.policy not in served_policies():
+        # locret builds (its weights ship) but vLLM does not hand it each chunk's q/k/v yet
         raise ValueError(
             f"kv_policy={config.policy!r} ({config.kind}) is not served inside vLLM yet; "
             f"served policies: {', '.join(served_policies())}"
