@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.engine import long_prompt, model_path
+from vllm_kvevict.bench.prom import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -30,16 +30,10 @@ BASE_ARGS = ["--served-model-name", NAME, "--dtype", "float32", "--enforce-eager
              "--block-size", "128", "--host", "127.0.0.1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(log: Path, policy_args: list[str]):
     """A `vllm serve` of the default model with `policy_args`, up and healthy; its URL."""
-    port = _free_port()
+    port = free_port()
     args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(port), *policy_args]
     with open(log, "w") as sink:
         proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=SERVE_ENV)
@@ -240,7 +234,7 @@ def test_bad_override_is_a_400_naming_the_field(server, xargs, field):
                                            (["--kv-policy", "bogus"], "bogus"),
                                            (["--kv-policy", "locret"], "locret")])
 def test_bad_server_flag_refuses_to_start(flags, needle):
-    args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(_free_port()), *flags]
+    args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(free_port()), *flags]
     if "--kv-policy" not in flags:
         args += ["--kv-policy", "snapkv"]
     proc = subprocess.run(args, capture_output=True, text=True, env=SERVE_ENV, timeout=300)

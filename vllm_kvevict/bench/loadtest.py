@@ -301,7 +301,6 @@ def run(spec: LoadSpec, out: Path, log: Callable[[str], None] = print) -> dict:
         "spec": asdict(spec), "model": model, "mix": mix, "start": t0, "end": t1,
         "phases": phases, "series": series,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
     report["charts"] = plot(report, out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report

@@ -25,6 +25,22 @@ def _list(kind: Callable[[str], Any]) -> Callable[[str], list]:
     return parse
 
 
+def _pair(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """MIN,MAX (or one value for both) as a tuple of two `kind`s."""
+    def parse(text: str) -> tuple:
+        try:
+            parts = _list(kind)(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX ({exc})") from None
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX")
+        return tuple(parts)
+
+    return parse
+
+
 def _budget(text: str):
     from vllm_kvevict.eval.engine import parse_budget
 

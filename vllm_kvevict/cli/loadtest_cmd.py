@@ -7,19 +7,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from vllm_kvevict.cli.eval_cmd import _budget, _list
-
-
-def _pair(kind):
-    def parse(text: str):
-        parts = _list(kind)(text)
-        if len(parts) == 1:
-            parts = parts * 2
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}")
-        return tuple(parts)
-
-    return parse
+from vllm_kvevict.cli.eval_cmd import _budget, _list, _pair
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,18 +12,7 @@ import json
 import shlex
 from pathlib import Path
 
-
-def _int_pair(text: str) -> tuple[int, int]:
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX in tokens (e.g. 1024,2048)") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX in tokens (e.g. 1024,2048)")
-    return values[0], values[1]
+from vllm_kvevict.cli.eval_cmd import _pair
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--out", type=Path, default=Path("locret-out"), help="output directory (default locret-out)")
     tr.add_argument("--samples", type=int, default=None, help=f"training examples (default {SHIPPED['samples']})")
     tr.add_argument("--heldout", type=int, default=None, help=f"held-out examples (default {SHIPPED['heldout']})")
-    tr.add_argument("--context", type=_int_pair, default=None, metavar="MIN,MAX",
+    tr.add_argument("--context", type=_pair(int), default=None, metavar="MIN,MAX",
                     help="example lengths in tokens (default {},{})".format(*SHIPPED["context"]))
     tr.add_argument("--epochs", type=int, default=None, help=f"passes over the training examples (default {SHIPPED['epochs']})")
     tr.add_argument("--hidden", type=int, default=None, help=f"d_R, the heads' hidden width (default {SHIPPED['hidden']})")
