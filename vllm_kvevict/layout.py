@@ -28,6 +28,16 @@ L tokens of KV is the largest k with P_k <= L; its tail starts at C_e:
     physical length = n*bs + (L - C_e)        block row = row[0:n] + row[C_e/bs:]
 
 So memory stays at n blocks plus at most I/bs + 1 tail blocks however long the request decodes.
+
+Per-chunk eviction during prefill (Locret) uses the same epochs with points inside the prompt: P_k =
+P_0 + k*I for chunk I, P_0 the first chunk boundary past the n kept blocks, up to the last boundary
+<= T. Every point is block-aligned (C_k = P_k), so the request never holds more than n + I/bs
+blocks while its prompt is prefilled, and n + ceil((T - P_last)/bs) after it, plus what it decodes:
+
+    logical block:  0 .. n-1 | n ..  P_0/bs - 1 | P_0/bs .. P_1/bs - 1 | ... | P_K/bs ...
+                    [ kept  ] [ freed at P_0   ] [ freed at P_1       ]       [ tail ]
+
+In general C_k = (P_k // bs) * bs, so tail_block(k) = P_k // bs for both schemes.
 """
 
 from __future__ import annotations
@@ -45,6 +55,13 @@ class Compaction:
     kept_blocks: int  # n: blocks of the compacted region
     tail_start_block: int  # C / bs: first logical block of the tail (after the prompt's compaction)
     interval_blocks: int = 0  # I / bs: decode-time re-compaction every I tokens (0: never)
+    first_point: int | None = None  # P_0 (None: the prompt's end); per-chunk prefill eviction starts earlier
+    last_epoch: int | None = None  # the last compaction (None: every interval for ever, if any)
+
+    @property
+    def start(self) -> int:
+        """P_0: where the first compaction runs."""
+        return self.prompt_len if self.first_point is None else self.first_point
 
     @property
     def compactable_tokens(self) -> int:
@@ -66,24 +83,35 @@ class Compaction:
 
     # ---- epochs (decode-time re-compaction) ---------------------------------------------------------
     def point(self, epoch: int) -> int:
-        """P_k: the KV length at which compaction k runs (P_0 = the prompt length)."""
-        return self.prompt_len + epoch * self.interval_blocks * self.block_size
+        """P_k: the KV length at which compaction k runs (P_0 = the prompt length unless first_point)."""
+        return self.start + epoch * self.interval_blocks * self.block_size
+
+    @property
+    def last_point(self) -> int | None:
+        """The KV length of the last compaction (None: compactions go on while decoding)."""
+        if self.interval_blocks == 0:
+            return self.start
+        return None if self.last_epoch is None else self.point(self.last_epoch)
 
     def epoch(self, kv_len: int) -> int:
         """The last compaction done once `kv_len` tokens have KV (-1: none yet, or a no-op plan)."""
-        if self.is_noop or kv_len < self.prompt_len:
+        if self.is_noop or kv_len < self.start:
             return -1
         if self.interval_blocks == 0:
             return 0
-        return (kv_len - self.prompt_len) // (self.interval_blocks * self.block_size)
+        epoch = (kv_len - self.start) // (self.interval_blocks * self.block_size)
+        return epoch if self.last_epoch is None else min(epoch, self.last_epoch)
 
     def next_point(self, kv_len: int) -> int | None:
         """The first compaction point after `kv_len` (None if there is none)."""
         if self.is_noop:
             return None
-        if kv_len < self.prompt_len:
-            return self.prompt_len
-        return self.point(self.epoch(kv_len) + 1) if self.interval_blocks else None
+        if kv_len < self.start:
+            return self.start
+        if not self.interval_blocks:
+            return None
+        epoch = self.epoch(kv_len) + 1
+        return None if self.last_epoch is not None and epoch > self.last_epoch else self.point(epoch)
 
     def tail_block(self, epoch: int) -> int:
         """C_e / bs: first logical block of the tail in epoch e."""
@@ -124,6 +152,27 @@ def plan_compaction(prompt_len: int, tokens_per_head: int, block_size: int, deco
     kept = min(full_blocks, max(1, math.ceil(want / block_size)))
     interval_blocks = math.ceil(decode_interval / block_size) if decode_interval > 0 else 0
     return Compaction(prompt_len, block_size, kept, full_blocks, interval_blocks)
+
+
+def plan_chunked_compaction(prompt_len: int, tokens_per_head: int, block_size: int, chunk: int) -> Compaction:
+    """Per-chunk eviction during prefill (Locret): keep `tokens_per_head` (rounded up to whole blocks)
+    after every `chunk` prompt tokens (rounded up to whole blocks) once the prompt outgrows them.
+
+    The first compaction runs at the first chunk boundary past the kept blocks, the last at the last
+    boundary inside the prompt; the prompt's remainder after it and everything decoded stay (the
+    official Locret leaves its last `local_len` prompt tokens and the decode alone too). A prompt
+    that never reaches the first point is a no-op plan.
+    """
+    if block_size <= 0 or chunk <= 0:
+        raise ValueError(f"block_size={block_size} and chunk={chunk} must be >= 1")
+    interval = math.ceil(chunk / block_size)
+    kept = max(1, math.ceil(tokens_per_head / block_size))
+    first = (kept // interval + 1) * interval * block_size  # the first boundary with blocks to free
+    full_blocks = prompt_len // block_size
+    if first > prompt_len:
+        return Compaction(prompt_len, block_size, full_blocks, full_blocks)  # fits: nothing to evict
+    last_epoch = (prompt_len - first) // (interval * block_size)
+    return Compaction(prompt_len, block_size, kept, first // block_size, interval, first, last_epoch)
 
 
 def layer_lanes(comp: Compaction, num_kv_heads: int, layer_tokens: int, max_tokens: int) -> int:

@@ -232,9 +232,10 @@ def test_bad_override_is_a_400_naming_the_field(server, xargs, field):
 
 @pytest.mark.parametrize("flags, needle", [(["--kv-budget", "0"], "budget=0"),
                                            (["--kv-policy", "bogus"], "bogus"),
-                                           (["--kv-policy", "locret"], "locret")])
+                                           (["--kv-policy", "locret"], "locret' needs --enforce-eager")])
 def test_bad_server_flag_refuses_to_start(flags, needle):
-    args = [VLLM, "serve", model_path(), *BASE_ARGS, "--port", str(free_port()), *flags]
+    base = [a for a in BASE_ARGS if a != "--enforce-eager"] if "locret" in flags else BASE_ARGS
+    args = [VLLM, "serve", model_path(), *base, "--port", str(free_port()), *flags]
     if "--kv-policy" not in flags:
         args += ["--kv-policy", "snapkv"]
     proc = subprocess.run(args, capture_output=True, text=True, env=SERVE_ENV, timeout=300)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.engine import greedy, long_prompt, make_llm, run_steps, scheduler
+from tests.e2e.engine import greedy, long_prompt, make_llm, retrieval_samples, run_steps, scheduler
 
 pytestmark = pytest.mark.e2e
 
@@ -24,16 +24,6 @@ def llm():
 @pytest.fixture(scope="module")
 def tok(llm):
     return llm.get_tokenizer()
-
-
-def retrieval_samples(tok, context: int):
-    """Passkey and needle prompts of exactly `context` tokens (the eval's generators). At 4K the default
-    model retrieves these needles with the full cache, but no passkey (measured: 0 of 6 depths/seeds)."""
-    from vllm_kvevict.eval.tasks import hf_builder, make_sample
-
-    builder = hf_builder(tok)
-    return [make_sample(builder, "niah", context, 0.8, 0, seed=1), make_sample(builder, "niah", context, 0.8, 0, seed=2),
-            make_sample(builder, "passkey", context, 0.5, 0, seed=1), make_sample(builder, "passkey", context, 0.2, 0, seed=1)]
 
 
 def generate(llm, prompts, **extra):

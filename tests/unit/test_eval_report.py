@@ -108,7 +108,7 @@ def test_percentile():
 @pytest.mark.parametrize("argv,message", [
     (["eval", "--budgets", "128,abc"], "budget 'abc' is neither"),
     (["eval", "--budgets", "1.5"], "whole number"),
-    (["eval", "--policies", "snapkv,locret"], "policy 'locret' is not one vLLM serves"),
+    (["eval", "--policies", "snapkv,h2o"], "policy 'h2o' is not one vLLM serves"),
     (["eval", "--tasks", "niah,summ"], "task 'summ' is not one of"),
     (["eval", "--depths", "1.5"], "depth 1.5 must be in [0, 1]"),
     (["eval", "--context", "100"], "context 100 is too short"),

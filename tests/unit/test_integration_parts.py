@@ -100,7 +100,7 @@ SERVER = PolicyConfig.from_dict({"policy": "snapkv", "budget": 256})
         ({"kv_budget": "lots"}, "kv_budget", "budget='lots'"),
         ({"kv_policy": "bogus"}, "kv_policy", "bogus"),
         ({"kv_policy": "tokenselect", "kv_budget": 0.5}, "kv_budget", "tokenselect budget=0.5 is invalid"),
-        ({"kv_policy": "locret"}, "kv_policy", "locret"),
+        ({"kv_policy": "locret", "kv_weights": "/no/heads.pt"}, "kv_policy", "none were found at '/no/heads.pt'"),
         ({"kv_sink_tokens": -1}, None, "sink_tokens"),
         ({"kv_pyramid_beta": 2.0}, None, "pyramid_beta"),
     ],
@@ -114,6 +114,16 @@ def test_bad_override_names_the_field(xargs, field, text):
     assert message.startswith("vllm_xargs: ") and text in message, message
     if field is not None:
         assert bad_field(message) == field
+
+
+def test_locret_needs_eager_execution():
+    from vllm_kvevict.integration.vllm.settings import validate_request
+
+    assert validate_request(SERVER, {"kv_policy": "locret"}, prefix_caching=False, eager=True).policy == "locret"
+    with pytest.raises(ValueError, match="locret' needs --enforce-eager"):
+        validate_request(SERVER, {"kv_policy": "locret"}, prefix_caching=False, eager=False)
+    args = _parse(["--kv-policy", "locret", "--enforce-eager"])
+    assert args.additional_config["kv_evict"]["policy"] == "locret"
 
 
 def test_good_overrides_and_other_keys():
@@ -174,7 +184,7 @@ def test_flags_fold_into_additional_config(tmp_path):
 
 @pytest.mark.parametrize("argv, text", [(["--kv-budget", "0", "--kv-policy", "snapkv"], "budget=0"),
                                         (["--kv-policy", "tokenselect", "--kv-budget", "0.5"], "token count k"),
-                                        (["--kv-policy", "locret"], "locret"),
+                                        (["--kv-policy", "locret"], "locret' needs --enforce-eager"),
                                         (["--kv-policy", "snapkv", "--kv-window", "x"], "window")])
 def test_bad_flag_is_a_clear_error(argv, text):
     with pytest.raises(ValueError, match=text):
@@ -273,3 +283,72 @@ def test_selection_counts_travel_from_worker_to_prometheus():
     assert REGISTRY.get_sample_value("vllm_kvevict:compaction_seconds_sum", {"policy": "snapkv"}) >= 0.75
     PromMetrics.get().observe({"kv_tokens": {}})  # nothing running: the gauges drop to 0
     assert REGISTRY.get_sample_value("vllm_kvevict:kv_cache_tokens", {"policy": "snapkv", "kind": "logical"}) == 0
+
+
+# ---- per-chunk eviction (Locret) -------------------------------------------------------------------------
+def test_chunked_compaction_points_and_blocks():
+    from vllm_kvevict.layout import plan_chunked_compaction
+
+    comp = plan_chunked_compaction(4000, 512, 128, 512)  # keep 4 blocks, compact every 4 blocks
+    assert (comp.kept_blocks, comp.interval_blocks, comp.start, comp.last_epoch) == (4, 4, 1024, 5)
+    points = []
+    length = 0
+    while (point := comp.next_point(length)) is not None:
+        points.append(point)
+        length = point
+    assert points == [1024, 1536, 2048, 2560, 3072, 3584] and comp.last_point == 3584
+    assert [comp.epoch(n) for n in (1023, 1024, 1535, 1536, 3584, 4000, 9000)] == [-1, 0, 0, 1, 5, 5, 5]
+    assert comp.freed_range(0) == (4, 8) and comp.freed_range(1) == (8, 12) and comp.freed_range(5) == (24, 28)
+    # attention reads the 512 kept tokens then the tail since the last point; blocks accordingly
+    assert comp.physical_len(1300) == 512 + 276 and comp.physical_len(4000) == 512 + 416
+    row = list(range(100, 132))
+    assert comp.physical_row(row, 1) == row[:4] + row[12:]
+    # while prefilling, a request holds at most kept + one chunk of blocks
+    for length in range(1, 4001):
+        epoch = comp.epoch(length - 1) if length > 1 else -1  # the layout before the step writing `length`
+        held = -(-comp.physical_len(length, epoch) // 128)
+        assert held <= 4 + 4, (length, held)
+    # a chunk that is not whole blocks is rounded up; a prompt that never outgrows a chunk is a no-op
+    assert plan_chunked_compaction(4000, 512, 128, 300).interval_blocks == 3
+    assert plan_chunked_compaction(1000, 512, 128, 512).is_noop
+    assert plan_chunked_compaction(1000, 512, 128, 512).next_point(0) is None
+    assert plan_chunked_compaction(1024, 1024, 128, 512).is_noop
+    first = plan_chunked_compaction(1536, 1000, 128, 512)  # 8 blocks kept: the first point frees 4
+    assert (first.kept_blocks, first.start, first.last_epoch, first.freed_range(0)) == (8, 1536, 0, (8, 12))
+
+
+def test_locret_plan_and_retention():
+    from vllm_kvevict.integration.vllm.settings import plan_for
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    plan = plan_for(PolicyConfig.from_dict({"policy": "locret", "budget": 512}), 4000, 128, 30)
+    assert (plan.compaction.kept_blocks, plan.compaction.start, plan.compaction.last_point) == (4, 1024, 3584)
+    policy = plan.policy
+    assert policy.needs_qkv and policy.eviction_chunk == 512
+    scores = torch.arange(1024.0).flip(0).repeat(3, 1)  # earliest tokens score highest
+    kept = policy.retain(scores, 512)
+    assert kept.shape == (3, 512)
+    # the last 256 (stabilizers) forced in, the rest the 256 best by score: the first 256
+    assert torch.equal(kept[0], torch.cat([torch.arange(256), torch.arange(768, 1024)]))
+    sinks = type(policy)(512, {"stabilizers": 0, "sink_tokens": 2})
+    low_first = torch.arange(10.0).repeat(3, 1)
+    assert sinks.retain(low_first, 4)[0].tolist() == [0, 1, 8, 9]
+    qkv = torch.randn(7, policy.heads.shape.in_features)
+    assert policy.chunk_scores(3, qkv).shape == (3, 7)
+    with pytest.raises(ValueError, match=r"\(7, 5\)"):
+        policy.chunk_scores(3, qkv[:, :5])
+
+
+def test_score_store_keeps_pending_chunks_in_order():
+    from vllm_kvevict.integration.vllm.worker import ScoreStore
+
+    store = ScoreStore()
+    store.add("r", 0, 0, torch.ones(3, 4))
+    store.add("r", 0, 4, torch.zeros(3, 2))
+    kept, pending = store.take("r", 0)
+    assert kept is None and [(f, s.shape[1]) for f, s in pending] == [(0, 4), (4, 2)]
+    store.keep("r", 0, torch.ones(3, 2))
+    kept, pending = store.take("r", 0)
+    assert kept.shape == (3, 2) and pending == []
+    store.purge(["r"])
+    assert len(store) == 0

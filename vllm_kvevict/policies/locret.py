@@ -123,11 +123,18 @@ def retain_topk(kept_cis: torch.Tensor, chunk_cis: torch.Tensor, budget: int, st
 
 
 class Locret(EvictionPolicy):
+    """Inside vLLM (per prefill chunk): `chunk_scores` scores each chunk's tokens as the model computes
+    them; at every chunk boundary `retain` picks what the cache keeps from [kept | chunk] by the scores
+    remembered with the kept tokens and the new ones (vllm_kvevict/layout.py has the block arithmetic).
+    `plan` (the base pipeline) is the one-shot variant over a whole prompt."""
+
     name = "locret"
+    needs_qkv = True
 
     def __init__(self, budget, params):
         super().__init__(budget, params)
         self.chunk_size = int(self.params.get("chunk_size", 512))
+        self.eviction_chunk = self.chunk_size
         self.stabilizers = int(self.params.get("stabilizers", 256))
         weights = self.params.get("weights") or default_weights_path()
         if not Path(weights).is_file():
@@ -147,3 +154,20 @@ class Locret(EvictionPolicy):
             raise ValueError("locret needs the prompt's pre-RoPE q/k/v (view.extra['qkv'], [T, (H_q+2H_kv)*d])")
         with torch.no_grad():
             return self.heads(view.layer, qkv.float())
+
+    def chunk_scores(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Predicted CIS [H_kv, T] of tokens whose pre-RoPE q/k/v rows are `qkv` [T, (H_q+2H_kv)*d]."""
+        expected = self.heads.shape.in_features
+        if qkv.dim() != 2 or qkv.shape[1] != expected:
+            raise ValueError(f"locret: q/k/v rows of shape {tuple(qkv.shape)}, the heads take [T, {expected}]")
+        with torch.no_grad():
+            return self.heads(layer, qkv.float())
+
+    def retain(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """Indices [H_kv, min(keep, N)] (sorted) into a region whose predicted CIS are `scores` [H_kv, N]:
+        the first `sink_tokens` and the last `stabilizers` positions, then the highest scores."""
+        scores = scores.float().clone()
+        sinks = min(self.sink_tokens, keep, scores.shape[1])
+        if sinks:
+            scores[:, :sinks] = float("inf")
+        return retain_topk(scores[:, :0], scores, keep, self.stabilizers)

@@ -28,6 +28,10 @@ class EvictionPolicy:
 
     name: ClassVar[str] = "base"
     kind: ClassVar[str] = "evict"
+    #: Compact after every this many prefill tokens instead of once after the prompt (0: once).
+    eviction_chunk: int = 0
+    #: The scorer reads each token's pre-RoPE q/k/v (LayerView.extra["qkv"]), captured as it is computed.
+    needs_qkv: ClassVar[bool] = False
 
     def __init__(self, budget: int | float, params: dict[str, Any]):
         self.budget = budget

@@ -30,7 +30,8 @@ def install() -> None:
                 server = self._kvevict_server_config = server_config(self.vllm_config.additional_config)
             try:
                 validate_request(
-                    server, params.extra_args, prefix_caching=bool(self.cache_config.enable_prefix_caching)
+                    server, params.extra_args, prefix_caching=bool(self.cache_config.enable_prefix_caching),
+                    eager=bool(self.vllm_config.model_config.enforce_eager),
                 )
             except ValueError as exc:
                 field = bad_field(str(exc))

@@ -30,7 +30,9 @@ from vllm_kvevict.integration.vllm.worker import (
     StepContext,
     current_step,
     lane_store,
+    qkv_captures,
     query_store,
+    score_store,
     selection_store,
 )
 from vllm_kvevict.lanes import LaneMap, lane_attention, pack_lanes
@@ -102,6 +104,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
                 self._kv_layer = extract_layer_index(layer.layer_name)
                 check_isa(layer.isa)
             self._capture_queries(info, query)
+            self._score_tokens(info)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if info is not None:
             self._ragged_attention(info, query, kv_cache, output)
@@ -176,6 +179,27 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         store.record(policy.name, row.req_id, hit, int(selected.numel()))
         return selected
 
+    def _score_tokens(self, info: StepEviction) -> None:
+        """Per-chunk eviction (Locret): score this step's tokens that a later compaction chooses among,
+        from their pre-RoPE q/k/v (captured by the worker's hook on this layer's qkv projection)."""
+        if not info.step.needs_qkv:
+            return
+        qkv = qkv_captures().pop(self._kv_layer, None)
+        if qkv is None:
+            raise RuntimeError(
+                f"layer {self._kv_layer}: no pre-RoPE q/k/v was captured for a {info.step.rows[0].plan.config.policy} "
+                "request; it needs a decoder whose layers have a fused self_attn.qkv_proj and --enforce-eager")
+        for i, row in enumerate(info.step.rows):
+            if not row.scores_qkv:
+                continue
+            first = row.num_computed
+            last = min(row.num_computed + row.num_scheduled, row.plan.compaction.last_point)
+            if first >= last:
+                continue
+            base = info.query_start[i] - row.num_computed
+            score_store().add(row.req_id, self._kv_layer, first,
+                              row.plan.policy.chunk_scores(self._kv_layer, qkv[base + first : base + last]))
+
     def _capture_queries(self, info: StepEviction, query: torch.Tensor) -> None:
         for i, row in enumerate(info.step.rows):
             target = row.target
@@ -184,6 +208,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             if row.num_computed == 0:
                 query_store().restart(row.req_id, self._kv_layer)  # a fresh (or recomputed) prefill
                 lane_store().restart(row.req_id, self._kv_layer)
+                score_store().restart(row.req_id, self._kv_layer)
             first, last = _window(row, target)
             if first >= last:
                 continue
@@ -198,6 +223,11 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         k = comp.epoch(target)
         prev = k - 1
         physical_row = _physical_table(comp, table, prev)
+        region = comp.physical_len(comp.tail_block(k) * comp.block_size, prev)
+        policy = row.plan.policy
+        if policy.needs_qkv:  # Locret: by the scores remembered with the kept tokens and the chunk's
+            self._retain_row(row, k, region, physical_row, kv_cache)
+            return
         keys, values = gather_dense(kv_cache, physical_row, comp.physical_len(target, prev))
         chunks = query_store().pop(row.req_id, self._kv_layer)
         queries = query_start = None
@@ -205,8 +235,6 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             query_start = comp.physical_len(chunks[0][0], prev)
             queries = torch.cat([c for _, c in chunks], dim=0).transpose(0, 1)  # [H_q, W, D]
         view = LayerView(keys, values, queries, query_start=query_start, layer=self._kv_layer, num_layers=num_layers)
-        region = comp.physical_len(comp.tail_block(k) * comp.block_size, prev)
-        policy = row.plan.policy
         if k == 0 and getattr(policy, "allocator", None) == "ada":  # ragged heads: the head-lane layout
             prompt = comp.prompt_len
             lanes_total = layer_lanes(comp, keys.shape[0], policy.tokens_per_head(prompt, self._kv_layer, num_layers),
@@ -221,6 +249,27 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             return
         plan = policy.plan_rect(view, region=region, keep=comp.kept_tokens)
         compact(kv_cache, physical_row, torch.stack(plan.indices))
+
+
+    def _retain_row(self, row: RowInfo, k: int, region: int, physical_row: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        """Compaction k of a per-chunk policy: choose among [kept region | tokens since compaction k-1]."""
+        comp = row.plan.compaction
+        kept, pending = score_store().take(row.req_id, self._kv_layer)
+        start = 0 if k == 0 else comp.tail_block(k - 1) * comp.block_size  # logical start of the new tokens
+        parts = [] if k == 0 else [kept]
+        expect = start
+        for first, scores in pending:
+            if first != expect:
+                raise RuntimeError(f"{row.req_id} layer {self._kv_layer}: scores resume at {first}, expected {expect}")
+            parts.append(scores)
+            expect += scores.shape[1]
+        scores = torch.cat(parts, dim=1) if parts and all(p is not None for p in parts) else None
+        if scores is None or scores.shape[1] != region:
+            got = None if scores is None else scores.shape[1]
+            raise RuntimeError(f"{row.req_id} layer {self._kv_layer}: compaction {k} has scores for {got} of {region} tokens")
+        indices = row.plan.policy.retain(scores, comp.kept_tokens)
+        compact(kv_cache, physical_row, indices)
+        score_store().keep(row.req_id, self._kv_layer, scores.gather(1, indices))
 
 
 def _window(row: RowInfo, target: int) -> tuple[int, int]:

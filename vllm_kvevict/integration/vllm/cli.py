@@ -63,7 +63,7 @@ def fold_into_additional_config(args: argparse.Namespace) -> None:
             config = server_config(extra)  # validate --additional-config '{"kv_policy": ...}' at start-up
         else:
             return
-    check_servable(config)
+    check_servable(config, eager=bool(getattr(args, "enforce_eager", False)))
     extra = {k: v for k, v in extra.items() if not (k == CONFIG_KEY or k.startswith("kv_"))}
     extra[CONFIG_KEY] = config.to_dict()
     args.additional_config = extra

@@ -25,7 +25,7 @@ def configure(vllm_config) -> None:
 
     try:
         config = server_config(vllm_config.additional_config)
-        check_servable(config)
+        check_servable(config, eager=bool(vllm_config.model_config.enforce_eager))
     except ValueError as exc:
         raise ValueError(f"vllm-kvevict: invalid KV eviction setting: {exc}") from None
     vllm_config.additional_config[CONFIG_KEY] = config.to_dict()

@@ -1,6 +1,7 @@
 """Scheduler side of eviction: return a compacted request's freed blocks to the pool.
 
-The worker compacts a request's prompt during the step that finishes its prefill (see backend.py).
+The worker compacts a request's prompt during the step that finishes its prefill (see backend.py),
+or, for per-chunk eviction (Locret), in every step that ends a prefill chunk.
 Before the next step is scheduled, this scheduler swaps the request's blocks between the compacted
 region and the tail for the null block and returns them to the BlockPool, the mechanism sliding
 window attention uses (`_remove_blocks_in_range`). Freed blocks go to other requests at once, so
@@ -105,15 +106,12 @@ class KVEvictScheduler(Scheduler):
             end = comp.freed_range(epoch)[1]
             manager._remove_blocks_in_range(rid, start, end)
             self.kv_freed[rid] = epoch
+            prompt_epoch = comp.epoch(comp.prompt_len)  # the compaction that ends the prompt's eviction
             for e in range(done + 1, epoch + 1):
-                lo, hi = comp.freed_range(e)
-                if e == 0:
-                    kept = comp.kept_tokens + (comp.prompt_len - comp.compactable_tokens)
-                    self.kv_counters.add(plan.config.policy, evicted=comp.prompt_len - kept, freed=hi - lo,
-                                         ratio=kept / comp.prompt_len)
-                else:  # decode-time: a whole interval of tail tokens went
-                    self.kv_counters.add(plan.config.policy, evicted=(hi - lo) * comp.block_size, freed=hi - lo,
-                                         ratio=None)
+                lo, hi = comp.freed_range(e)  # freed blocks were full: each evicted block_size tokens
+                ratio = comp.physical_len(comp.prompt_len) / comp.prompt_len if e == prompt_epoch else None
+                self.kv_counters.add(plan.config.policy, evicted=(hi - lo) * comp.block_size, freed=hi - lo,
+                                     ratio=ratio)
             logger.debug("kvevict: %s epoch %d freed blocks [%d, %d) (%s)", rid, epoch, start, end, plan.config.policy)
 
     def kv_plan(self, request):

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vllm_kvevict.layout import Compaction, plan_compaction
+from vllm_kvevict.layout import Compaction, plan_chunked_compaction, plan_compaction
 from vllm_kvevict.policies.config import PolicyConfig
 
 CONFIG_KEY = "kv_evict"
@@ -56,14 +56,17 @@ def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-#: Policy kinds this release runs inside vLLM (locret lands with its own issue).
+#: Policy kinds this release runs inside vLLM.
 SERVED_KINDS = ("none", "evict", "select")
 
+#: Policies that read each layer's pre-RoPE q/k/v through a module hook, which needs eager execution.
+NEEDS_EAGER = ("locret",)
 
-def check_servable(config: PolicyConfig) -> None:
-    """Raise ValueError if vLLM cannot run `config` (a kind not wired yet, a policy that cannot build)."""
+
+def check_servable(config: PolicyConfig, *, eager: bool = True) -> None:
+    """Raise ValueError if vLLM cannot run `config` (a kind not wired, a policy that cannot build, a
+    policy that needs eager execution on a compiled model)."""
     if config.kind not in SERVED_KINDS or config.policy not in served_policies():
-        # locret builds (its weights ship) but vLLM does not hand it each chunk's q/k/v yet
         raise ValueError(
             f"kv_policy={config.policy!r} ({config.kind}) is not served inside vLLM yet; "
             f"served policies: {', '.join(served_policies())}"
@@ -72,15 +75,20 @@ def check_servable(config: PolicyConfig) -> None:
         build_policy(config)  # e.g. locret without trained weights
     except ValueError as exc:
         raise ValueError(f"kv_policy={config.policy!r} cannot run: {exc}") from None
+    if config.policy in NEEDS_EAGER and not eager:
+        raise ValueError(
+            f"kv_policy={config.policy!r} needs --enforce-eager: its retaining heads read every layer's "
+            "pre-RoPE q/k/v through a hook on the qkv projection, which a compiled model does not run")
 
 
 def served_policies() -> list[str]:
     from vllm_kvevict.policies.presets import POLICIES
 
-    return [name for name, spec in POLICIES.items() if spec.kind in SERVED_KINDS and name != "locret"]
+    return [name for name, spec in POLICIES.items() if spec.kind in SERVED_KINDS]
 
 
-def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None, *, prefix_caching: bool) -> PolicyConfig:
+def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None, *, prefix_caching: bool,
+                     eager: bool = True) -> PolicyConfig:
     """The request's config, or ValueError naming the bad `vllm_xargs` field (the API answers 400).
 
     With prefix caching on (only possible when the server-wide policy is `none`), a request may not
@@ -91,7 +99,7 @@ def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None,
         return server
     try:
         config = request_config(server, extra_args)
-        check_servable(config)
+        check_servable(config, eager=eager)
     except ValueError as exc:
         raise ValueError(f"vllm_xargs: {exc}") from None
     if prefix_caching and config.kind == "evict":
@@ -132,6 +140,8 @@ def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers:
     if policy is None or config.kind != "evict":
         return RequestPlan(config, policy, None)
     per_head = policy.max_tokens_per_head(prompt_len, num_layers)
+    if policy.eviction_chunk:  # Locret: compact after every prefill chunk
+        return RequestPlan(config, policy, plan_chunked_compaction(prompt_len, per_head, block_size, policy.eviction_chunk))
     interval = dict(config.params).get("decode_interval", 0)  # policies that also evict while decoding
     return RequestPlan(config, policy, plan_compaction(prompt_len, per_head, block_size, interval))
 

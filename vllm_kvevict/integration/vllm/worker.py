@@ -60,6 +60,11 @@ class RowInfo:
             self.num_computed, self.num_computed + self.num_scheduled)
 
     @property
+    def scores_qkv(self) -> bool:
+        """This step's tokens get scored from their pre-RoPE q/k/v (some will be compacted later)."""
+        return self.target is not None and self.plan.policy.needs_qkv
+
+    @property
     def reaches_point(self) -> bool:
         """This step writes the KV at the compaction point: compact after its attention."""
         target = self.target
@@ -74,6 +79,11 @@ class StepContext:
     @property
     def active(self) -> bool:
         return any((r.plan.compaction is not None and not r.plan.compaction.is_noop) or r.selects for r in self.rows)
+
+    @functools.cached_property  # asked by every layer's q/k/v hook in the step
+    def needs_qkv(self) -> bool:
+        """Some row scores this step's tokens from their pre-RoPE q/k/v (Locret before its last point)."""
+        return any(r.scores_qkv for r in self.rows)
 
 
 class _PerRequestLayer:
@@ -116,6 +126,23 @@ class LaneStore(_PerRequestLayer):
 
     def get(self, req_id: str, layer: int):
         return self._items.get((req_id, layer))
+
+
+class ScoreStore(_PerRequestLayer):
+    """Per-chunk eviction (Locret): (request, layer) -> [scores of the kept region [H_kv, n] or None,
+    [(first logical position, scores [H_kv, m]) of tokens computed since the last compaction]]."""
+
+    def add(self, req_id: str, layer: int, first: int, scores: torch.Tensor) -> None:
+        self._items.setdefault((req_id, layer), [None, []])[1].append((first, scores))
+
+    def take(self, req_id: str, layer: int) -> tuple[torch.Tensor | None, list[tuple[int, torch.Tensor]]]:
+        """The kept region's scores and the pending ones (which are cleared)."""
+        entry = self._items.setdefault((req_id, layer), [None, []])
+        pending, entry[1] = entry[1], []
+        return entry[0], pending
+
+    def keep(self, req_id: str, layer: int, scores: torch.Tensor) -> None:
+        self._items.setdefault((req_id, layer), [None, []])[0] = scores
 
 
 class SelectionStore:
@@ -180,6 +207,16 @@ def query_store() -> QueryStore:
     return _store("queries", QueryStore)
 
 
+def score_store() -> ScoreStore:
+    return _store("scores", ScoreStore)
+
+
+def qkv_captures() -> dict[int, torch.Tensor]:
+    """Layer -> this step's pre-RoPE q/k/v rows [num_tokens, (H_q + 2 H_kv) * d], captured by the hook
+    on the layer's fused qkv projection (`capture_qkv`) when some row of the step needs them."""
+    return _store("qkv", dict)
+
+
 def current_step() -> StepContext | None:
     return getattr(_local, "step", None)
 
@@ -229,6 +266,7 @@ def instrument_runner(runner, vllm_config) -> None:
 
     def update_states(scheduler_output, *args, **kwargs):
         query_store().purge(scheduler_output.finished_req_ids)  # finished or aborted
+        score_store().purge(scheduler_output.finished_req_ids)
         lane_store().purge(scheduler_output.finished_req_ids)
         selection_store().purge(scheduler_output.finished_req_ids)
         selection_store().purge(scheduler_output.preempted_req_ids or ())  # recomputed: select afresh
@@ -239,12 +277,41 @@ def instrument_runner(runner, vllm_config) -> None:
     runner._kvevict_instrumented = True
 
 
+def capture_qkv(model) -> int:
+    """Hook every decoder layer's fused q/k/v projection so Locret's heads can read the pre-RoPE q/k/v.
+
+    The projection's output is what the retaining heads were trained on (cat(q_proj, k_proj, v_proj));
+    vLLM then applies RoPE to q and k in place (CPU `ops.rotary_embedding`), so the hook keeps a copy,
+    and only in steps where some request needs it. Returns how many layers were hooked."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    hooked = 0
+    for name, module in model.named_modules():
+        if not name.endswith("self_attn.qkv_proj"):
+            continue
+        layer = extract_layer_index(name)
+
+        def hook(_module, _inputs, output, layer=layer):
+            step = current_step()
+            if step is not None and step.needs_qkv:
+                qkv = output[0] if isinstance(output, tuple) else output
+                qkv_captures()[layer] = qkv.detach().clone()
+
+        module.register_forward_hook(hook)
+        hooked += 1
+    return hooked
+
+
 class KVEvictCPUWorker(CPUWorker):
     """vLLM's CPU worker whose model runner publishes a StepContext each step."""
 
     def init_device(self):
         super().init_device()
         instrument_runner(self.model_runner, self.vllm_config)
+
+    def load_model(self, *args, **kwargs):
+        super().load_model(*args, **kwargs)
+        self.model_runner._kvevict_qkv_layers = capture_qkv(self.model_runner.get_model())
 
     def execute_model(self, *args, **kwargs):
         return _with_worker_report(super().execute_model(*args, **kwargs))
