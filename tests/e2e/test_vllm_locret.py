@@ -61,23 +61,29 @@ class _Request:
         self.sampling_params = None
 
 
-def test_4k_retrieval_at_half_budget_succeeds_wherever_the_full_cache_succeeds(llm, tok):
+def test_4k_retrieval_succeeds_wherever_the_full_cache_succeeds(llm, tok):
     """Passkeys and needles at 4K (retrieval_samples: the default model solves the needles with the full
     cache, never a passkey at this length, so a passkey asserts only if the full cache gets it).
 
-    Budget 2048: at 1024 neither locret nor snapkv retrieves these two needles (measured: locret
-    '"LATIN CAPITAL LETTER ALP' and '773452' for 9080869 and 7734528, snapkv '9080.' and '773456')."""
+    Defaults at budget 2048; at a quarter of the KV (1024) with stabilizers 64 and kernel_size 3, the
+    settings that retrieve 13 of 15 such needles in the ablation (docs/results.md). The defaults at 1024
+    retrieve 4 of 15 (measured here: '"LATIN CAPITAL LETTER ALP' and '773452' for 9080869 and 7734528),
+    snapkv 2 ('9080.', '773456')."""
     from vllm_kvevict.eval.scoring import contains_all
 
     samples = retrieval_samples(tok, 4096)
     prompts = [{"prompt_token_ids": list(s.prompt_ids)} for s in samples]
-    full = [o.outputs[0].text for o in llm.generate(prompts, greedy(12, kv_policy="none"), use_tqdm=False)]
-    ours = [o.outputs[0].text for o in llm.generate(prompts, greedy(12, kv_budget=2048), use_tqdm=False)]
+
+    def answers(params):
+        return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    full = answers(greedy(12, kv_policy="none"))
     solved = [contains_all(t, s.answers) for t, s in zip(full, samples)]
     assert sum(solved) >= 2, full  # the model can do the task at this length
-    for ok, text, sample in zip(solved, ours, samples):
-        if ok:
-            assert contains_all(text, sample.answers), (text, sample.answers, full)
+    for params in (greedy(12, kv_budget=2048), greedy(12, kv_budget=1024, kv_stabilizers=64, kv_kernel_size=3)):
+        for ok, text, sample in zip(solved, answers(params), samples):
+            if ok:
+                assert contains_all(text, sample.answers), (params.extra_args, text, sample.answers, full)
 
 
 def test_batched_with_another_request_matches_running_alone(llm, tok):

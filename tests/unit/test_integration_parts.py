@@ -329,6 +329,7 @@ def test_locret_plan_and_retention():
     kept = policy.retain(scores, 512)
     assert kept.shape == (3, 512)
     # the last 256 (stabilizers) forced in, the rest the 256 best by score: the first 256
+    assert policy.stabilizers == 256
     assert torch.equal(kept[0], torch.cat([torch.arange(256), torch.arange(768, 1024)]))
     sinks = type(policy)(512, {"stabilizers": 0, "sink_tokens": 2})
     low_first = torch.arange(10.0).repeat(3, 1)
@@ -337,6 +338,21 @@ def test_locret_plan_and_retention():
     assert policy.chunk_scores(3, qkv).shape == (3, 7)
     with pytest.raises(ValueError, match=r"\(7, 5\)"):
         policy.chunk_scores(3, qkv[:, :5])
+
+
+def test_locret_kernel_size_max_pools_predictions_along_tokens():
+    """kernel_size > 1 keeps a high-scoring token's neighbours with it (a number's digits survive together)."""
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    plain = PolicyConfig.from_dict({"policy": "locret", "budget": 512}).build()
+    pooled = PolicyConfig.from_dict({"policy": "locret", "budget": 512, "kernel_size": 3}).build()
+    qkv = torch.randn(9, plain.heads.shape.in_features, generator=torch.Generator().manual_seed(0))
+    raw = plain.chunk_scores(5, qkv)
+    assert plain.kernel_size == 1 and pooled.kernel_size == 3  # pooling is off by default
+    expected = torch.stack([raw[:, max(0, i - 1): i + 2].max(dim=1).values for i in range(9)], dim=1)
+    assert torch.allclose(pooled.chunk_scores(5, qkv), expected)
+    with pytest.raises(ValueError, match="kernel_size=0"):
+        PolicyConfig.from_dict({"policy": "locret", "kernel_size": 0})
 
 
 def test_score_store_keeps_pending_chunks_in_order():

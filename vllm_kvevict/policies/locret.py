@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vllm_kvevict.policies.attention import pool_scores
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.policy import EvictionPolicy
 
@@ -136,6 +137,7 @@ class Locret(EvictionPolicy):
         self.chunk_size = int(self.params.get("chunk_size", 512))
         self.eviction_chunk = self.chunk_size
         self.stabilizers = int(self.params.get("stabilizers", 256))
+        self.kernel_size = int(self.params.get("kernel_size", 1))
         weights = self.params.get("weights") or default_weights_path()
         if not Path(weights).is_file():
             raise LocretWeightsMissing(
@@ -161,7 +163,7 @@ class Locret(EvictionPolicy):
         if qkv.dim() != 2 or qkv.shape[1] != expected:
             raise ValueError(f"locret: q/k/v rows of shape {tuple(qkv.shape)}, the heads take [T, {expected}]")
         with torch.no_grad():
-            return self.heads(layer, qkv.float())
+            return pool_scores(self.heads(layer, qkv.float()), self.kernel_size, "max")
 
     def retain(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """Indices [H_kv, min(keep, N)] (sorted) into a region whose predicted CIS are `scores` [H_kv, N]:

@@ -116,9 +116,13 @@ POLICIES: dict[str, PolicySpec] = {
             "locret", "evict", "trained retaining heads predict causal importance; per prefill chunk",
             (
                 _MIN_LEN, _sinks(0),
-                # [EXT] 3072 / 2500 at 128K; scaled to an 8K model
+                # [EXT] chunk 3072 at 128K; scaled to an 8K model
                 Param("chunk_size", int, 512, "prefill chunk after which the cache is compacted", 16, _MAXTOK),
+                # [EXT] 2500 at 128K; scaled to an 8K model. Fewer stabilizers with kernel_size 3 retrieve far
+                # more 4K needles at budget 1024 but lose fluency at 512 (docs/results.md, Locret ablation)
                 Param("stabilizers", int, 256, "last tokens always kept (context continuity)", 0, _MAXTOK),
+                # ours, not the paper's: pooling keeps a scored token's neighbours (a number's digits) with it
+                Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off)", 1, 255),
                 Param("weights", str, None, "retaining-head weights file (default: the shipped ones)", optional=True),
             ),
             1024, _lazy("locret", "Locret"),
