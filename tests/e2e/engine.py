@@ -53,6 +53,12 @@ def long_prompt(tokenizer, context_tokens: int = 1900, question: str = QUESTION,
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def fluent(text: str) -> bool:
+    """At least 15 words, at least half of them distinct: an answer, not a loop (a short one fails too)."""
+    words = text.split()
+    return len(words) >= 15 and len(set(words)) >= len(words) // 2
+
+
 def greedy(max_tokens: int = 40, **extra_args):
     from vllm import SamplingParams
 
