@@ -13,7 +13,6 @@ RUN python3 -m pip install --no-cache-dir --no-deps gguf==0.19.0 accelerate==1.1
 
 COPY pyproject.toml README.md /opt/vllm-kvevict/
 COPY vllm_kvevict /opt/vllm-kvevict/vllm_kvevict
-COPY kernels /opt/vllm-kvevict/kernels
 COPY configs /opt/vllm-kvevict/configs
 # --no-deps: the image already has torch, pyyaml and the matching vLLM; never let pip swap them
 RUN python3 -m pip install --no-cache-dir --no-deps /opt/vllm-kvevict \

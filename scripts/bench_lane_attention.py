@@ -13,7 +13,7 @@ must read, over its time) as a fraction of a device-to-device copy measured in t
     python scripts/bench_lane_attention.py [--contexts 8192,32768,131072] [--budgets 8,32] [--out DIR]
 
 Shapes default to a Llama-3-8B layer (32 query heads, 8 KV heads, head size 128, bf16), batch 8.
-The kernel's correctness is tested in tests/kernels; here the outputs are only cross-checked once.
+The kernel's correctness is tested in tests/paged; here the outputs are only cross-checked once.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for bench_lane_attention.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_lane_attention needs a CUDA GPU (the kernel's CPU correctness tests are in tests/kernels)")
+        sys.exit("bench_lane_attention needs a CUDA GPU (the kernel's CPU correctness tests are in tests/paged)")
     from triton.testing import do_bench
 
-    mod = load_kernel("lane_attention")
+    mod = load_kernel("lane_attention_triton")
     dev, dtype = "cuda", torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     heads, group, dim, bs, batch = args.kv_heads, args.q_heads // args.kv_heads, args.head_dim, args.block_size, args.batch

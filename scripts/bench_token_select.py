@@ -35,12 +35,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_token_select needs a CUDA GPU (the kernels' CPU correctness tests are in tests/kernels)")
+        sys.exit("bench_token_select needs a CUDA GPU (the kernels' CPU correctness tests are in tests/paged)")
     from triton.testing import do_bench
 
     from vllm_kvevict.policies.tokenselect import with_fixed_windows
 
-    ts = load_kernel("token_select")
+    ts = load_kernel("selection_triton")
     dev, dtype = "cuda", torch.bfloat16
     heads, dim, bs = args.kv_heads, args.head_dim, args.block_size
     group = args.q_heads // heads

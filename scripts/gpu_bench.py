@@ -1,13 +1,13 @@
-"""Shared by the GPU benchmark scripts: load our kernels from a checkout, print and save results.
+"""Shared by the GPU benchmark scripts: load our kernels from this checkout, print and save results.
 
-The GPU machines have torch and Triton but not vLLM, and may not have this package installed: then
-`kernels/` is registered as `vllm_kvevict.kernels` straight from the checkout.
+The GPU machines have torch and Triton but not vLLM, and may not have this package installed: the
+checkout's root goes first on sys.path, and `vllm_kvevict.paged` imports neither vLLM nor anything
+outside torch and Triton.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -16,18 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_kernel(name: str):
-    """`vllm_kvevict.kernels.<name>`, installed or from this checkout."""
+    """`vllm_kvevict.paged.<name>` (a `*_triton` module) from this checkout."""
     sys.path.insert(0, ROOT)
-    try:
-        return importlib.import_module(f"vllm_kvevict.kernels.{name}")
-    except ImportError:
-        kernels = os.path.join(ROOT, "kernels")
-        spec = importlib.util.spec_from_file_location("vllm_kvevict.kernels", os.path.join(kernels, "__init__.py"),
-                                                      submodule_search_locations=[kernels])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["vllm_kvevict.kernels"] = package
-        spec.loader.exec_module(package)
-        return importlib.import_module(f"vllm_kvevict.kernels.{name}")
+    return importlib.import_module(f"vllm_kvevict.paged.{name}")
 
 
 def report(title: str, header: list[str], rows: list[list[str]], out: str | None, name: str, doc: dict) -> None:

@@ -47,7 +47,7 @@ def main() -> None:
     import pydoc_data.topics as topics
     from vllm import LLM, SamplingParams
 
-    from vllm_kvevict.layout import plan_compaction
+    from vllm_kvevict.paged.layout import plan_compaction
     from vllm_kvevict.models.smollm2 import prepare_default_model
 
     padded_store: list[int] = []

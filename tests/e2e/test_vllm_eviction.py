@@ -137,8 +137,8 @@ def test_ada_policies_compact_into_ragged_head_lanes(llm, tok, prompt_a, policy)
     the uniform rule reserves; attention reads them through the lane layout (the worker's LaneStore)."""
     from vllm_kvevict.integration.vllm.settings import build_policy, request_config, server_config
     from vllm_kvevict.integration.vllm.worker import lane_store
-    from vllm_kvevict.lanes import lane_counts
-    from vllm_kvevict.layout import layer_lanes
+    from vllm_kvevict.paged.lanes import lane_counts
+    from vllm_kvevict.paged.layout import layer_lanes
 
     prompt_len = n_tokens(tok, prompt_a)
     comp = compaction(llm, prompt_len, policy)

@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from vllm_kvevict.layout import plan_compaction
+from vllm_kvevict.paged.layout import plan_compaction
 from vllm_kvevict.policies.config import PolicyConfig
 
 
@@ -55,16 +55,18 @@ def _write_with_vllm(num_blocks, heads, bs, dim, row, num_tokens, isa="vec"):
 
 @pytest.mark.parametrize("isa, dim", [("vec", 64), ("vec16", 48)])
 def test_gather_dense_reads_what_vllms_kernel_wrote(isa, dim):
-    from vllm_kvevict.integration.vllm.paged_cpu import gather_dense
+    from vllm_kvevict.paged.cache_layout import cpu_views
+    from vllm_kvevict.paged.compact import gather_dense
 
     row = torch.tensor([5, 2, 7, 0])  # a scattered block row
     cache, keys, values = _write_with_vllm(8, 3, 32, dim, row, 100, isa)
-    k, v = gather_dense(cache, row, 100)
+    k, v = gather_dense(*cpu_views(cache), row, 100)
     assert torch.equal(k, keys) and torch.equal(v, values)
 
 
 def test_compact_moves_each_heads_kept_tokens_to_the_front():
-    from vllm_kvevict.integration.vllm.paged_cpu import compact, gather_dense
+    from vllm_kvevict.paged.cache_layout import cpu_views
+    from vllm_kvevict.paged.compact import compact, gather_dense
 
     row = torch.tensor([5, 2, 7, 0])
     cache, keys, values = _write_with_vllm(8, 3, 32, 64, row, 128)
@@ -72,8 +74,8 @@ def test_compact_moves_each_heads_kept_tokens_to_the_front():
     gen = torch.Generator().manual_seed(1)
     kept = torch.stack([torch.randperm(96, generator=gen)[:40].sort().values for _ in range(3)])  # per head
     kept[:, 0] = 0
-    compact(cache, row, kept)
-    k, v = gather_dense(cache, row, 128)
+    compact(*cpu_views(cache), row, kept)
+    k, v = gather_dense(*cpu_views(cache), row, 128)
     for h in range(3):
         assert torch.equal(k[h, :40], keys[h, kept[h]])
         assert torch.equal(v[h, :40], values[h, kept[h]])
@@ -82,11 +84,11 @@ def test_compact_moves_each_heads_kept_tokens_to_the_front():
 
 
 def test_unsupported_isa_is_a_clear_error():
-    from vllm_kvevict.integration.vllm.paged_cpu import check_isa
+    from vllm_kvevict.paged.cache_layout import check_cpu_isa
 
-    check_isa("vec")
+    check_cpu_isa("vec")
     with pytest.raises(NotImplementedError, match="'amx'"):
-        check_isa("amx")
+        check_cpu_isa("amx")
 
 
 # ---- per-request overrides (what admission turns into HTTP 400) -------------------------------------
@@ -287,7 +289,7 @@ def test_selection_counts_travel_from_worker_to_prometheus():
 
 # ---- per-chunk eviction (Locret) -------------------------------------------------------------------------
 def test_chunked_compaction_points_and_blocks():
-    from vllm_kvevict.layout import plan_chunked_compaction
+    from vllm_kvevict.paged.layout import plan_chunked_compaction
 
     comp = plan_chunked_compaction(4000, 512, 128, 512)  # keep 4 blocks, compact every 4 blocks
     assert (comp.kept_blocks, comp.interval_blocks, comp.start, comp.last_epoch) == (4, 4, 1024, 5)

@@ -11,6 +11,9 @@ Shapes: scores [H_kv, N] (candidate tokens only), returns budgets [H_kv] as a li
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 
 ADA_MODES = ("exact", "official")
@@ -97,4 +100,41 @@ def _take_back(lanes: list[int], count: int) -> list[int]:
     for _ in range(count):
         h = max(range(len(lanes)), key=lambda i: (lanes[i], -i))
         lanes[h] = max(0, lanes[h] - 1)
+    return lanes
+
+
+def allocate_lanes(token_counts: Sequence[int], total_lanes: int, block_size: int, capacity: int,
+                   min_lanes: int = 1) -> list[int]:
+    """Round per-head token budgets to whole lanes, summing to exactly `total_lanes` where possible.
+
+    Largest remainder: each head first gets floor(count / bs) lanes (at least `min_lanes`), then the
+    leftover lanes go to the largest fractional parts (ties: lower head). No head gets more lanes
+    than `ceil(capacity / bs)` (it has only `capacity` candidate tokens). Memory is then exactly
+    `total_lanes` lanes, and every lane is full: a head fills its last lane with its next-best tokens.
+    """
+    num_heads = len(token_counts)
+    if num_heads == 0:
+        raise ValueError("allocate_lanes needs at least one head")
+    cap = math.ceil(capacity / block_size) if capacity > 0 else 0
+    floor = min(min_lanes, cap)
+    lanes = [min(cap, max(floor, c // block_size)) for c in token_counts]
+    left = total_lanes - sum(lanes)
+    order = sorted(range(num_heads), key=lambda h: (-(token_counts[h] % block_size), h))
+    while left > 0:  # hand out the rest by fractional part, round robin until full
+        progressed = False
+        for h in order:
+            if left == 0:
+                break
+            if lanes[h] < cap:
+                lanes[h] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            break
+    while left < 0:  # floors overshot (many heads, few lanes): take back from the largest
+        h = max(range(num_heads), key=lambda i: (lanes[i], -i))
+        if lanes[h] <= 0:
+            break
+        lanes[h] -= 1
+        left += 1
     return lanes

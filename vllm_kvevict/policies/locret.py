@@ -126,7 +126,7 @@ def retain_topk(kept_cis: torch.Tensor, chunk_cis: torch.Tensor, budget: int, st
 class Locret(EvictionPolicy):
     """Inside vLLM (per prefill chunk): `chunk_scores` scores each chunk's tokens as the model computes
     them; at every chunk boundary `retain` picks what the cache keeps from [kept | chunk] by the scores
-    remembered with the kept tokens and the new ones (vllm_kvevict/layout.py has the block arithmetic).
+    remembered with the kept tokens and the new ones (vllm_kvevict/paged/layout.py has the block arithmetic).
     `plan` (the base pipeline) is the one-shot variant over a whole prompt."""
 
     name = "locret"

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vllm_kvevict.policies.adakv import adakv_allocate, adakv_allocate_lanes
+from vllm_kvevict.policies.adakv import adakv_allocate, adakv_allocate_lanes, allocate_lanes
 from vllm_kvevict.policies.params import resolve_budget
 from vllm_kvevict.policies.plan import KeepPlan, LayerView
 from vllm_kvevict.policies.pyramid import pyramid_budgets
@@ -116,7 +116,7 @@ class EvictionPolicy:
         return KeepPlan(merge_kept(protected, candidates, chosen), region)
 
     def plan_lanes(self, view: LayerView, region: int, total_lanes: int, block_size: int) -> KeepPlan:
-        """Ragged per-head plan for the head-lane layout (`vllm_kvevict.lanes`): `total_lanes` lanes of
+        """Ragged per-head plan for the head-lane layout (`vllm_kvevict.paged.lanes`): `total_lanes` lanes of
         `block_size` slots shared by the layer's KV heads, among the first `region` positions.
 
         Memory is paid in lanes, so the allocation is made in lanes: Ada-KV's global top-B over whole
@@ -124,8 +124,6 @@ class EvictionPolicy:
         completely with its best tokens, so the region costs exactly `total_lanes` lanes and no slot is
         wasted. Protected positions inside the region are kept by every head.
         """
-        from vllm_kvevict.lanes import allocate_lanes
-
         num_tokens, num_heads = view.num_tokens, view.num_kv_heads
         region = min(region, num_tokens)
         if total_lanes * block_size >= region * num_heads:

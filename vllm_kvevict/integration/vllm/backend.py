@@ -7,7 +7,7 @@ vLLM's own kernel reads [compacted region | tail]. Positions and slot_mapping st
 Impl: while a prompt is being prefilled, keep the queries its policy scores with (the last W prompt
 positions, possibly spread over several chunks). In the step that writes the prompt's last token,
 after this layer's attention ran over the full prompt, score the prompt, select n*bs tokens per KV
-head and move them into the leading blocks (paged_cpu.compact). Layer by layer, in place.
+head and move them into the leading blocks (paged.compact). Layer by layer, in place.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_kvevict.integration.vllm.paged_cpu import check_isa, compact, gather_dense, kv_views
 from vllm_kvevict.integration.vllm.worker import (
     RowInfo,
     StepContext,
@@ -35,11 +34,13 @@ from vllm_kvevict.integration.vllm.worker import (
     score_store,
     selection_store,
 )
-from vllm_kvevict.lanes import LaneMap, lane_attention, pack_lanes
-from vllm_kvevict.layout import layer_lanes
+from vllm_kvevict.paged.cache_layout import check_cpu_isa, cpu_views
+from vllm_kvevict.paged.compact import compact, gather_dense
+from vllm_kvevict.paged.lanes import LaneMap, lane_attention, pack_lanes
+from vllm_kvevict.paged.layout import layer_lanes
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.tokenselect import query_fingerprint
-from vllm_kvevict.selection import paged_scores, sparse_attention, vote_topk, with_fixed_windows
+from vllm_kvevict.paged.selection import paged_scores, sparse_attention, vote_topk, with_fixed_windows
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -102,7 +103,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         if info is not None:
             if self._kv_layer is None:
                 self._kv_layer = extract_layer_index(layer.layer_name)
-                check_isa(layer.isa)
+                check_cpu_isa(layer.isa)
             self._capture_queries(info, query)
             self._score_tokens(info)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
@@ -122,8 +123,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         its lane; replace those rows' output with attention over each head's own lanes + the tail."""
         if info.step_tables is None:
             return
-        keys, values = kv_views(kv_cache)
-        keys = keys.transpose(-1, -2)
+        keys, values = cpu_views(kv_cache)
         for i, row in enumerate(info.step.rows):
             if not row.compacted:
                 continue
@@ -148,8 +148,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         """
         if info.step_tables is None:
             return
-        keys, values = kv_views(kv_cache)
-        keys = keys.transpose(-1, -2)
+        keys, values = cpu_views(kv_cache)
         for i, row in enumerate(info.step.rows):
             if not row.selects:
                 continue
@@ -228,7 +227,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
         if policy.needs_qkv:  # Locret: by the scores remembered with the kept tokens and the chunk's
             self._retain_row(row, k, region, physical_row, kv_cache)
             return
-        keys, values = gather_dense(kv_cache, physical_row, comp.physical_len(target, prev))
+        keys, values = gather_dense(*cpu_views(kv_cache), physical_row, comp.physical_len(target, prev))
         chunks = query_store().pop(row.req_id, self._kv_layer)
         queries = query_start = None
         if chunks:
@@ -243,12 +242,11 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             lanes = LaneMap.build(plan.lengths, comp.block_size)
             if lanes.num_blocks > comp.kept_blocks:
                 raise RuntimeError(f"{policy.name}: lanes need {lanes.num_blocks} blocks, the plan keeps {comp.kept_blocks}")
-            k_view, v_view = kv_views(kv_cache)
-            pack_lanes(k_view.transpose(-1, -2), v_view, physical_row, plan.indices, lanes)
+            pack_lanes(*cpu_views(kv_cache), physical_row, plan.indices, lanes)
             lane_store().put(row.req_id, self._kv_layer, lanes)
             return
         plan = policy.plan_rect(view, region=region, keep=comp.kept_tokens)
-        compact(kv_cache, physical_row, torch.stack(plan.indices))
+        compact(*cpu_views(kv_cache), physical_row, torch.stack(plan.indices))
 
 
     def _retain_row(self, row: RowInfo, k: int, region: int, physical_row: torch.Tensor, kv_cache: torch.Tensor) -> None:
@@ -268,7 +266,7 @@ class KVEvictCPUImpl(CPUAttentionBackendImpl):
             got = None if scores is None else scores.shape[1]
             raise RuntimeError(f"{row.req_id} layer {self._kv_layer}: compaction {k} has scores for {got} of {region} tokens")
         indices = row.plan.policy.retain(scores, comp.kept_tokens)
-        compact(kv_cache, physical_row, indices)
+        compact(*cpu_views(kv_cache), physical_row, indices)
         score_store().keep(row.req_id, self._kv_layer, scores.gather(1, indices))
 
 

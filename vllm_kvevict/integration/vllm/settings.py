@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vllm_kvevict.layout import Compaction, plan_chunked_compaction, plan_compaction
+from vllm_kvevict.paged.layout import Compaction, plan_chunked_compaction, plan_compaction
 from vllm_kvevict.policies.config import PolicyConfig
 
 CONFIG_KEY = "kv_evict"

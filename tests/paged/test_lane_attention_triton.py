@@ -1,4 +1,4 @@
-"""The Triton lane-attention kernel against its torch twin (vllm_kvevict.lanes.lane_attention).
+"""The Triton lane-attention kernel against its torch twin (vllm_kvevict.paged.lanes.lane_attention).
 
 On CPU this runs under TRITON_INTERPRET=1 (see conftest.py); on a GPU natively."""
 
@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from tests.kernels.conftest import DEVICE, kernel_module
-from vllm_kvevict.lanes import LaneMap, lane_attention as twin
+from tests.paged.conftest import DEVICE, kernel_module
+from vllm_kvevict.paged.lanes import LaneMap, lane_attention as twin
 
 
 def lane_attention(*args, **kwargs):
-    return kernel_module("lane_attention").lane_attention(*args, **kwargs)
+    return kernel_module("lane_attention_triton").lane_attention(*args, **kwargs)
 
 
 def _request(heads, bs, lengths, tail, num_blocks, gen):
@@ -64,12 +64,11 @@ def test_kernel_matches_twin_on_a_ragged_batch(group, bs, dim, block_n, num_spli
 
 def test_kernel_reads_a_strided_cpu_layout_view():
     """vLLM's CPU cache: keys transposed per (block, head). The kernel takes the strided view as is."""
-    from vllm_kvevict.integration.vllm.paged_cpu import kv_views
+    from vllm_kvevict.paged.cache_layout import cpu_views
     gen = torch.Generator().manual_seed(5)
     heads, bs, dim, group = 3, 16, 16, 3
     cache = torch.randn(12, heads, bs, 2 * dim, generator=gen)
-    k_t, values = kv_views(cache)
-    keys = k_t.transpose(-1, -2)
+    keys, values = cpu_views(cache)
     lanes, n, row = _request(heads, bs, [20, 4, 16], 9, 12, gen)
     query = torch.randn(2, heads * group, dim, generator=gen)
     want = twin(query, keys, values, row, lanes, n, 9, 0.25)
@@ -82,7 +81,7 @@ def test_kernel_reads_a_strided_cpu_layout_view():
 
 
 def test_choose_splits_fills_the_gpu_without_tiny_splits():
-    choose = kernel_module("lane_attention").choose_splits
+    choose = kernel_module("lane_attention_triton").choose_splits
     assert choose(1, 8, 128 * 1024) == 33  # one decode query: 8 heads x 33 splits >= two waves of 132 SMs
     assert choose(64, 8, 128 * 1024) == 1  # a large batch already fills the GPU
     assert choose(1, 8, 200, block_n=32) == 1  # too short to split into >= 4 tiles each

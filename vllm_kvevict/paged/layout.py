@@ -176,7 +176,7 @@ def plan_chunked_compaction(prompt_len: int, tokens_per_head: int, block_size: i
 
 
 def layer_lanes(comp: Compaction, num_kv_heads: int, layer_tokens: int, max_tokens: int) -> int:
-    """Head-lanes a layer may use in the ragged layout (vllm_kvevict/lanes.py) of `comp`'s n blocks.
+    """Head-lanes a layer may use in the ragged layout (`lanes.py`) of `comp`'s n blocks.
 
     The layer with the most tokens per head (every layer, without a pyramid) uses all n * H_kv lanes:
     exactly the memory of the uniform layout. A pyramid layer with fewer tokens uses proportionally

@@ -1,20 +1,20 @@
-"""TokenSelect's Triton kernels against their torch twins (vllm_kvevict.selection), interpreted on CPU."""
+"""TokenSelect's Triton kernels against their torch twins (vllm_kvevict.paged.selection), interpreted on CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.kernels.conftest import DEVICE, kernel_module
-from tests.unit.test_selection import paged_case
-from vllm_kvevict import selection as twin
+from tests.paged.conftest import DEVICE, kernel_module
+from tests.paged.test_selection import paged_case
+from vllm_kvevict.paged import selection as twin
 from vllm_kvevict.policies.tokenselect import soft_vote as twin_vote, with_fixed_windows
 
 TOL = 1e-5 if DEVICE == "cpu" else 2e-2  # tf32 dots on GPU
 
 
 def ts():
-    return kernel_module("token_select")
+    return kernel_module("selection_triton")
 
 
 def dev(*tensors):
@@ -67,12 +67,11 @@ def test_sparse_attention_matches_twin(group, new, bs, dim):
 
 def test_sparse_attention_over_all_positions_matches_twin_on_the_cpu_layout():
     """vLLM's CPU cache view (keys transposed per block and head) is read as is."""
-    from vllm_kvevict.integration.vllm.paged_cpu import kv_views
+    from vllm_kvevict.paged.cache_layout import cpu_views
 
     gen = torch.Generator().manual_seed(3)
     cache = torch.randn(10, 3, 16, 32, generator=gen)
-    k_t, values = kv_views(cache)
-    keys = k_t.transpose(-1, -2)
+    keys, values = cpu_views(cache)
     row = torch.tensor([7, 2, 9, 0, 4])
     query = torch.randn(2, 9, 16, generator=gen)
     want = twin.sparse_attention(query, keys, values, row, torch.arange(60), 60, 0.25)

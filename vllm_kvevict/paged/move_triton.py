@@ -1,16 +1,18 @@
-"""Compaction into head-lanes (Triton; the CUDA path). Torch twin: `vllm_kvevict.lanes.pack_lanes`.
+"""Staged token moves inside one layer's paged cache (Triton; the CUDA path). Torch twin: `compact.py`.
 
-Compaction moves every kept token of a layer from where vLLM wrote it to its head's lanes inside the
-request's leading blocks (addressing diagram: `vllm_kvevict/lanes.py`). Sources and destinations share
-those blocks, and a token's destination is often another kept token's source, so a single in-place
-pass would overwrite data still to be read. Two launches make it safe without ordering constraints:
+Compaction moves every kept token of a layer from where vLLM wrote it to where the compacted layout
+wants it, inside the request's leading blocks: position j of head h (rectangular, `compact.compact`)
+or a slot of the head's lanes (ragged, `lanes.pack_lanes`; addressing diagram in `lanes.py`). Sources
+and destinations share those blocks, and a token's destination is often another kept token's source,
+so a single in-place pass would overwrite data still to be read. Two launches per tensor make it safe
+without ordering constraints:
 
     gather   cache[src_block, src_head, src_slot, :]  ->  staging[i, :]     (all reads)
     scatter  staging[i, :]  ->  cache[dst_block, dst_lane, dst_slot, :]     (all writes)
 
 The staging buffer holds only the kept tokens (a few MB for a whole batch), and the addresses come
-from `vllm_kvevict.lanes.pack_addresses`, shared with the twin. One program copies BLOCK_T tokens of
-one tensor; keys and values are any-strided [num_blocks, H_kv, bs, D] views (CPU or flash layout).
+from `compact.rect_addresses` / `lanes.pack_addresses`, shared with the twins. One program copies
+BLOCK_T tokens of one tensor; keys and values are any-strided [num_blocks, H_kv, bs, D] views.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvevict.lanes import LaneMap, pack_addresses
+from vllm_kvevict.paged.compact import Addresses, rect_addresses
+from vllm_kvevict.paged.lanes import LaneMap, pack_addresses
 
 
 @triton.jit
@@ -63,13 +66,11 @@ def copy_tokens(src: torch.Tensor, src_addr: Sequence[torch.Tensor], dst: torch.
     )
 
 
-def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept: Sequence[torch.Tensor],
-               lanes: LaneMap) -> None:
-    """The Triton twin of `vllm_kvevict.lanes.pack_lanes` (same arguments, same result, in place)."""
-    if keys.shape[1] != lanes.num_heads:
-        raise ValueError(f"the lane map has {lanes.num_heads} heads, the cache {keys.shape[1]}")
-    src, dst = pack_addresses(row, kept, lanes)
+def move_tokens(keys: torch.Tensor, values: torch.Tensor, src: Addresses, dst: Addresses) -> None:
+    """The Triton twin of `compact.move_tokens`: keys/values[dst[i]] = old keys/values[src[i]], staged."""
     num = src[0].numel()
+    if num == 0:
+        return
     staged = torch.empty(2, num, 1, 1, keys.shape[-1], dtype=keys.dtype, device=keys.device)
     at = torch.arange(num, device=keys.device)
     zero = torch.zeros_like(at)
@@ -77,3 +78,18 @@ def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept
         copy_tokens(cache, src, stage, (at, zero, zero))  # every read happens before any write
     for cache, stage in ((keys, staged[0]), (values, staged[1])):
         copy_tokens(stage, (at, zero, zero), cache, dst)
+
+
+def compact(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept: torch.Tensor) -> None:
+    """The Triton twin of `compact.compact` (same arguments, same result, in place)."""
+    if kept.shape[0] != keys.shape[1]:
+        raise ValueError(f"kept has {kept.shape[0]} heads, the cache has {keys.shape[1]}")
+    move_tokens(keys, values, *rect_addresses(row, kept, keys.shape[2]))
+
+
+def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept: Sequence[torch.Tensor],
+               lanes: LaneMap) -> None:
+    """The Triton twin of `lanes.pack_lanes` (same arguments, same result, in place)."""
+    if keys.shape[1] != lanes.num_heads:
+        raise ValueError(f"the lane map has {lanes.num_heads} heads, the cache {keys.shape[1]}")
+    move_tokens(keys, values, *pack_addresses(row, kept, lanes))

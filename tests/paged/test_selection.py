@@ -1,4 +1,4 @@
-"""TokenSelect over the paged cache (vllm_kvevict.selection): the torch twins against dense math."""
+"""TokenSelect over the paged cache (vllm_kvevict.paged.selection): the torch twins against dense math."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_kvevict.policies.tokenselect import select_candidates, with_fixed_windows
-from vllm_kvevict.selection import paged_scores, sparse_attention, vote_topk
+from vllm_kvevict.paged.selection import paged_scores, sparse_attention, vote_topk
 
 
 def paged_case(heads=3, group=3, bs=16, ctx=150, new=1, dim=16, seed=0):

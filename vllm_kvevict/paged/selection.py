@@ -1,4 +1,4 @@
-"""TokenSelect over a paged KV cache: the torch twins of `vllm_kvevict.kernels.token_select` (the CPU path).
+"""TokenSelect over a paged KV cache: the torch twins of `selection_triton` (the CPU path).
 
 Nothing is evicted; per (request, layer) and step, the queries attend to a selected subset of the
 cached positions. With a request's block row `row` (position p at block row[p // bs], slot p % bs)

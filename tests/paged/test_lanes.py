@@ -1,4 +1,4 @@
-"""Head-lane addressing, packing and the torch reference attention (vllm_kvevict.lanes)."""
+"""Head-lane addressing, packing and the torch reference attention (vllm_kvevict.paged.lanes)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from vllm_kvevict.lanes import LaneMap, allocate_lanes, lane_attention, lane_counts, pack_lanes
+from vllm_kvevict.paged.lanes import LaneMap, lane_attention, lane_counts, pack_lanes
+from vllm_kvevict.policies.adakv import allocate_lanes
 
 
 def test_allocate_lanes_is_exact_and_bounded():
@@ -59,11 +60,10 @@ def _case(heads, bs, lengths, prompt_blocks, tail_len, seed, cpu_layout=False):
     g = torch.Generator().manual_seed(seed + 1)
     row = torch.randperm(num_blocks, generator=g)[: prompt_blocks + tail_blocks]
     if cpu_layout:  # vLLM's CPU layout: keys transposed per (block, head)
-        from vllm_kvevict.integration.vllm.paged_cpu import kv_views
+        from vllm_kvevict.paged.cache_layout import cpu_views
 
         cache = torch.randn(num_blocks, heads, bs, 2 * dim, generator=g)
-        k_view, values = kv_views(cache)
-        keys = k_view.transpose(-1, -2)
+        keys, values = cpu_views(cache)
     else:
         keys, values = _cache(num_blocks, heads, bs, dim, seed)
     kept = _kept(lengths, prompt_blocks * bs, seed)
@@ -96,7 +96,7 @@ CASES = [
 @pytest.mark.parametrize("heads,bs,lengths,prompt_blocks,tail", CASES)
 @pytest.mark.parametrize("cpu_layout", [False, True])
 def test_pack_lanes_then_gather_returns_each_heads_kept_tokens(heads, bs, lengths, prompt_blocks, tail, cpu_layout):
-    from vllm_kvevict.lanes import gather_head
+    from vllm_kvevict.paged.lanes import gather_head
 
     keys, values, row, lanes, n, expect = _case(heads, bs, lengths, prompt_blocks, tail, seed=heads * 7 + bs,
                                                 cpu_layout=cpu_layout)

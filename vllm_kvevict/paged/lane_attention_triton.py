@@ -1,7 +1,7 @@
 """Attention over a compacted head-lane region + the standard tail (Triton; the CUDA path).
 
-Torch twin: `vllm_kvevict.lanes.lane_attention` (also the CPU path); the addressing diagram is in
-`vllm_kvevict/lanes.py`. One program per (query token, KV head) handles the head's whole GQA group:
+Torch twin: `lanes.lane_attention` (also the CPU path); the addressing diagram is in
+`lanes.py`. One program per (query token, KV head) handles the head's whole GQA group:
 
     pass 1  the head's len_h compacted tokens: token i at lane g = start_h + i // bs,
             physical (block_table[req, g // H_kv], g % H_kv, i % bs); all visible
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvevict.kernels.tile import empty_softmax_state, load_query_group, online_softmax_update
+from vllm_kvevict.paged.tile_triton import empty_softmax_state, load_query_group, online_softmax_update
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""TokenSelect kernels (Triton; the CUDA path). Torch twins: `vllm_kvevict.selection` (the CPU path).
+"""TokenSelect kernels (Triton; the CUDA path). Torch twins: `selection.py` (the CPU path).
 
     paged_scores      raw q . k over a contiguous candidate range, keys read through the block row
                       (grid: KV head x candidate tile; a program scores the head's whole GQA group)
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvevict.kernels.tile import empty_softmax_state, load_query_group, online_softmax_update
+from vllm_kvevict.paged.tile_triton import empty_softmax_state, load_query_group, online_softmax_update
 
 from vllm_kvevict.policies.tokenselect import vote_topk as _vote_topk
 
@@ -121,7 +121,7 @@ def _pads(num_qh: int, num_kv: int, dim: int) -> dict:
 
 def paged_scores(query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor, positions: torch.Tensor,
                  block_c: int = 64) -> torch.Tensor:
-    """Twin of `vllm_kvevict.selection.paged_scores` for a contiguous range `positions` ([H_q, C], fp32)."""
+    """Twin of `selection.paged_scores` for a contiguous range `positions` ([H_q, C], fp32)."""
     num_cand = positions.numel()
     first = int(positions[0]) if num_cand else 0
     if num_cand and int(positions[-1]) - first + 1 != num_cand:
@@ -158,7 +158,7 @@ def vote_topk(scores: torch.Tensor, k: int, pool_kernel: int = 0) -> torch.Tenso
 
 def sparse_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
                      selected: torch.Tensor, ctx: int, scale: float, block_n: int = 32) -> torch.Tensor:
-    """Twin of `vllm_kvevict.selection.sparse_attention` ([Nq, H_q, D] in the query's dtype)."""
+    """Twin of `selection.sparse_attention` ([Nq, H_q, D] in the query's dtype)."""
     num_q, num_qh, dim = query.shape
     pads = _pads(num_qh, keys.shape[1], dim)
     out = torch.empty_like(query)

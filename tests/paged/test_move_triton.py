@@ -1,4 +1,4 @@
-"""The Triton lane-pack (compaction) kernel against its torch twin (vllm_kvevict.lanes.pack_lanes).
+"""The Triton lane-pack (compaction) kernel against its torch twin (vllm_kvevict.paged.lanes.pack_lanes).
 
 Whole caches are compared after packing, so a kernel that wrote anywhere else, or read a slot after
 overwriting it, fails. On CPU under TRITON_INTERPRET=1; on a GPU natively."""
@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.conftest import DEVICE, kernel_module
-from vllm_kvevict.lanes import LaneMap, pack_lanes as twin
+from tests.paged.conftest import DEVICE, kernel_module
+from vllm_kvevict.paged.lanes import LaneMap, pack_lanes as twin
 
 
 def pack(*args):
-    return kernel_module("lane_pack").pack_lanes(*args)
+    return kernel_module("move_triton").pack_lanes(*args)
 
 
 def _case(heads, bs, lengths, prompt_blocks, dim, seed, cpu_layout):
@@ -30,10 +30,9 @@ def _case(heads, bs, lengths, prompt_blocks, dim, seed, cpu_layout):
 
 def _views(cache, cpu_layout):
     if cpu_layout:
-        from vllm_kvevict.integration.vllm.paged_cpu import kv_views
+        from vllm_kvevict.paged.cache_layout import cpu_views
 
-        k_t, v = kv_views(cache)
-        return k_t.transpose(-1, -2), v
+        return cpu_views(cache)
     return cache[0], cache[1]
 
 
@@ -64,7 +63,7 @@ def test_kernel_pack_refuses_mismatched_heads():
 
 
 def test_copy_tokens_moves_exactly_the_addressed_rows():
-    mod = kernel_module("lane_pack")
+    mod = kernel_module("move_triton")
     gen = torch.Generator().manual_seed(1)
     src = torch.randn(5, 3, 8, 20, generator=gen)
     dst = torch.zeros(6, 2, 4, 20)

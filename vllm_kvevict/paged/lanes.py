@@ -16,9 +16,9 @@ worth of tokens and a head that keeps 1 together use 4 lanes, not 2 x 3. The tai
 
     compacted blocks n = ceil(sum_h count_h / H_kv), maxed over layers (every layer shares the row)
 
-Everything here is torch on a neutral cache view: keys and values as [num_blocks, H_kv, bs, D]
-(any strides: vLLM's CPU layout and the CUDA flash layout are both such views). `lane_attention`
-is the torch twin of `vllm_kvevict.kernels.lane_attention` and the CPU path.
+Everything here is torch on neutral cache views (`cache_layout`): keys and values as
+[num_blocks, H_kv, bs, D] with any strides. `pack_lanes` and `lane_attention` are the torch twins of
+`move_triton.pack_lanes` and `lane_attention_triton.lane_attention`, and the CPU path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from vllm_kvevict.paged.compact import move_tokens
 
 
 def lane_counts(lengths: Sequence[int], block_size: int) -> list[int]:
@@ -46,43 +48,6 @@ def lane_starts(counts: Sequence[int]) -> list[int]:
 
 def blocks_for_lanes(total_lanes: int, num_kv_heads: int) -> int:
     return math.ceil(total_lanes / num_kv_heads)
-
-
-def allocate_lanes(token_counts: Sequence[int], total_lanes: int, block_size: int, capacity: int,
-                   min_lanes: int = 1) -> list[int]:
-    """Round per-head token budgets to whole lanes, summing to exactly `total_lanes` where possible.
-
-    Largest remainder: each head first gets floor(count / bs) lanes (at least `min_lanes`), then the
-    leftover lanes go to the largest fractional parts (ties: lower head). No head gets more lanes
-    than `ceil(capacity / bs)` (it has only `capacity` candidate tokens). Memory is then exactly
-    `total_lanes` lanes, and every lane is full: a head fills its last lane with its next-best tokens.
-    """
-    num_heads = len(token_counts)
-    if num_heads == 0:
-        raise ValueError("allocate_lanes needs at least one head")
-    cap = math.ceil(capacity / block_size) if capacity > 0 else 0
-    floor = min(min_lanes, cap)
-    lanes = [min(cap, max(floor, c // block_size)) for c in token_counts]
-    left = total_lanes - sum(lanes)
-    order = sorted(range(num_heads), key=lambda h: (-(token_counts[h] % block_size), h))
-    while left > 0:  # hand out the rest by fractional part, round robin until full
-        progressed = False
-        for h in order:
-            if left == 0:
-                break
-            if lanes[h] < cap:
-                lanes[h] += 1
-                left -= 1
-                progressed = True
-        if not progressed:
-            break
-    while left < 0:  # floors overshot (many heads, few lanes): take back from the largest
-        h = max(range(num_heads), key=lambda i: (lanes[i], -i))
-        if lanes[h] <= 0:
-            break
-        lanes[h] -= 1
-        left += 1
-    return lanes
 
 
 @dataclass(frozen=True)
@@ -123,7 +88,7 @@ def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneM
 
     Sources use standard addressing (head h's position p at (row[p // bs], h, p % bs)); destinations
     are the head's lanes in order. All six tensors have one entry per kept token, heads concatenated.
-    Shared by the torch twin below and the Triton kernel (`vllm_kvevict.kernels.lane_pack`).
+    Shared by the torch twin below and the Triton one (`move_triton.pack_lanes`).
     """
     if len(kept) != lanes.num_heads:
         raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}")
@@ -148,10 +113,7 @@ def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept
     """
     if keys.shape[1] != lanes.num_heads:
         raise ValueError(f"the lane map has {lanes.num_heads} heads, the cache {keys.shape[1]}")
-    src, dst = pack_addresses(row, kept, lanes)
-    staged_k, staged_v = keys[src].clone(), values[src].clone()
-    keys[dst] = staged_k
-    values[dst] = staged_v
+    move_tokens(keys, values, *pack_addresses(row, kept, lanes))
 
 
 def gather_head(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, lanes: LaneMap, head: int,

@@ -9,8 +9,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def kernel_module(name: str):
-    """vllm_kvevict.kernels.<name>, checked to be interpreted on CPU (a compiled kernel cannot read CPU tensors)."""
-    module = importlib.import_module(f"vllm_kvevict.kernels.{name}")
+    """vllm_kvevict.paged.<name>, checked to be interpreted on CPU (a compiled kernel cannot read CPU tensors)."""
+    module = importlib.import_module(f"vllm_kvevict.paged.{name}")
     if DEVICE == "cpu":
         from triton.runtime.interpreter import InterpretedFunction
 

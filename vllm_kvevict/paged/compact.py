@@ -1,0 +1,59 @@
+"""Read a request's KV densely and move kept tokens inside its blocks (torch; the CPU path's twins).
+
+All functions take neutral key / value views [num_blocks, H_kv, bs, D] (`cache_layout`). A request's
+position p lives at block row[p // bs], slot p % bs.
+
+Rectangular compaction keeps K tokens per KV head in the first K positions of the row, each head its
+own selection (RoPE is already in the keys, so a token may move to another slot):
+
+    head h:   kept[h, 0]  kept[h, 1] ... kept[h, K-1]      (ascending logical positions)
+                  |           |              |
+                  v           v              v
+    position:     0           1     ...     K-1            (the row's leading blocks)
+
+kept[h, j] >= j, so a destination is often another kept token's source: `move_tokens` reads every
+source into a staging buffer before writing anything. Ragged head-lane packing (`lanes.pack_lanes`)
+is the same move with other addresses. `move_triton.move_tokens` is the Triton twin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Addresses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (block, head or lane, slot), one entry per token
+
+
+def gather_dense(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, num_tokens: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense keys and values [H_kv, T, D] of positions 0..T-1 of a request's block row."""
+    block_size = keys.shape[2]
+    pos = torch.arange(num_tokens, device=row.device)
+    blocks, slots = row[pos // block_size].long(), pos % block_size
+    k = keys[blocks, :, slots]  # [T, H_kv, D]
+    v = values[blocks, :, slots]
+    return k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+
+
+def rect_addresses(row: torch.Tensor, kept: torch.Tensor, block_size: int) -> tuple[Addresses, Addresses]:
+    """Sources and destinations of rectangular compaction: head h's kept[h, j] moves to position j."""
+    num_heads, num_kept = kept.shape
+    kept = kept.to(row.device).long()
+    heads = torch.arange(num_heads, device=row.device).unsqueeze(1).expand_as(kept).reshape(-1)
+    src = kept.reshape(-1)
+    dst = torch.arange(num_kept, device=row.device).repeat(num_heads)
+    return ((row[src // block_size].long(), heads, src % block_size),
+            (row[dst // block_size].long(), heads, dst % block_size))
+
+
+def move_tokens(keys: torch.Tensor, values: torch.Tensor, src: Addresses, dst: Addresses) -> None:
+    """In place: keys/values[dst[i]] = old keys/values[src[i]] for every i (all reads staged first)."""
+    staged_k, staged_v = keys[src].clone(), values[src].clone()
+    keys[dst] = staged_k
+    values[dst] = staged_v
+
+
+def compact(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept: torch.Tensor) -> None:
+    """In place: for each head h, position kept[h, j] moves to position j (kept: [H_kv, K], int64)."""
+    if kept.shape[0] != keys.shape[1]:
+        raise ValueError(f"kept has {kept.shape[0]} heads, the cache has {keys.shape[1]}")
+    move_tokens(keys, values, *rect_addresses(row, kept, keys.shape[2]))
