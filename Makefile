@@ -62,11 +62,10 @@ test: setup
 # The quality and capacity runs behind docs/results.md (over an hour on 2 idle CPU cores: run it alone;
 # not part of `test`). The full task grid (EVAL_ARGS="... --tasks passkey,niah,niah_multikey,niah_multivalue,
 # vt,agreement,ppl --depths 0.1,0.5,0.9") is about 7 hours here.
-EVAL_ARGS ?= --policies streamingllm,snapkv,pyramidkv,ada-snapkv,ada-pyramidkv,vatp,nacl,tokenselect \
-	--context 1024,2048,4096 --policy-context 2048 --budgets 128,256,512 \
+# Both run every registered policy (vllm-kvevict policies) unless --policies says otherwise.
+EVAL_ARGS ?= --context 1024,2048,4096 --policy-context 2048 --budgets 128,256,512 \
 	--tasks passkey,niah,agreement --depths 0.2,0.8 --samples 2
-CAPACITY_ARGS ?= --policies streamingllm,snapkv,pyramidkv,ada-snapkv,ada-pyramidkv,vatp,nacl --budget 256 \
-	--kv-blocks 48 --requests 12 --prompt-len 2048 --max-tokens 128
+CAPACITY_ARGS ?= --budget 256 --kv-blocks 48 --requests 12 --prompt-len 2048 --max-tokens 128
 results: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_ARGS) --out docs/results/eval
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_ARGS) --out docs/results/capacity

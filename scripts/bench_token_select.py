@@ -38,7 +38,7 @@ def main() -> None:
         sys.exit("bench_token_select needs a CUDA GPU (the kernels' CPU correctness tests are in tests/paged)")
     from triton.testing import do_bench
 
-    from vllm_kvevict.policies.tokenselect import with_fixed_windows
+    from vllm_kvevict.policies.soft_vote import with_fixed_windows
 
     ts = load_kernel("selection_triton")
     dev, dtype = "cuda", torch.bfloat16

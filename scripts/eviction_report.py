@@ -15,14 +15,16 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
-POLICIES = ["none", "streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl"]
 QUESTION = "What programming language is the text above about? Explain in a few sentences."
 
 
 def main() -> None:
+    from vllm_kvevict.policies.registry import names
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, in order")
+    ap.add_argument("--policies", default=",".join(names()),
+                    help="comma-separated, in order (default: every registered policy)")
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--context-tokens", type=int, default=1900)
     ap.add_argument("--question", default=QUESTION, help="asked after the context")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_kvevict.policies.presets import POLICIES
+from vllm_kvevict.policies.registry import POLICIES
 
 OUT = Path(__file__).resolve().parent.parent / "configs"
 

@@ -27,7 +27,7 @@ BLOCK = 128
 
 def _record_padded(store: list[int]):
     """Wrap plan_lanes so each ragged compaction also records the token-level Ada plan's longest head."""
-    from vllm_kvevict.policies.policy import EvictionPolicy
+    from vllm_kvevict.policies.eviction import EvictionPolicy
 
     original = EvictionPolicy.plan_lanes
 

@@ -64,7 +64,7 @@ def n_tokens(tok, prompt: str) -> int:
 
 
 def compaction(llm, prompt_len: int, policy: str):
-    from vllm_kvevict.integration.vllm.settings import request_plan, server_config
+    from vllm_kvevict.core.requests import request_plan, server_config
 
     sched = scheduler(llm)
     server = server_config(sched.vllm_config.additional_config)
@@ -135,9 +135,9 @@ def test_policy_frees_the_blocks_the_rule_says_and_answers_fluently(llm, tok, pr
 def test_ada_policies_compact_into_ragged_head_lanes(llm, tok, prompt_a, policy):
     """Every layer's heads keep different numbers of tokens in their own lanes, within the n blocks
     the uniform rule reserves; attention reads them through the lane layout (the worker's LaneStore)."""
-    from vllm_kvevict.integration.vllm.settings import build_policy, request_config, server_config
-    from vllm_kvevict.integration.vllm.worker import lane_store
-    from vllm_kvevict.paged.lanes import lane_counts
+    from vllm_kvevict.core.requests import build_policy, request_config, server_config
+    from vllm_kvevict.core.state import worker_state
+    from vllm_kvevict.paged.lanes import LaneMap, lane_counts
     from vllm_kvevict.paged.layout import layer_lanes
 
     prompt_len = n_tokens(tok, prompt_a)
@@ -152,10 +152,10 @@ def test_ada_policies_compact_into_ragged_head_lanes(llm, tok, prompt_a, policy)
 
     def on_step(_step):
         request = find_request(llm, rid)
-        if request is not None and not seen:
-            maps = [lane_store().get(request.request_id, layer) for layer in range(num_layers)]
-            if all(m is not None for m in maps):
-                seen.update(enumerate(maps))
+        maps = None if request is None else worker_state().lanes.get(request.request_id)
+        if maps is not None and not seen:  # [layer, (start, length), head], written by each layer's compaction
+            seen.update((layer, LaneMap.build(maps[layer, 1].tolist(), BLOCK)) for layer in range(num_layers))
+            assert all(list(lanes.starts) == maps[layer, 0].tolist() for layer, lanes in seen.items())
 
     out = run_steps(llm, [(rid, prompt_a, greedy(kv_policy=policy))], on_step)
     assert len(seen) == num_layers, "the lane layout was not used"
@@ -168,7 +168,7 @@ def test_ada_policies_compact_into_ragged_head_lanes(llm, tok, prompt_a, policy)
         ragged += len(set(lanes.lengths)) > 1
     assert ragged >= num_layers // 3, f"only {ragged} of {num_layers} layers gave heads different budgets"
     run_steps(llm, [(f"{rid}-next", "Hello", greedy(max_tokens=2))])  # vLLM reports finished ids next step
-    assert len(lane_store()) == 0  # dropped once the request finished
+    assert len(worker_state().lanes) == 0  # dropped once the request finished
     text = tok.decode(out[rid], skip_special_tokens=True)
     assert_fluent(text)
     assert "Python" in text, text
@@ -297,7 +297,7 @@ def test_vatp_keeps_evicting_while_decoding(llm, tok, prompt_a):
 
 
 def test_abort_mid_prefill_returns_every_block_and_query(llm, prompt_a, short_prompt):
-    from vllm_kvevict.integration.vllm.worker import query_store
+    from vllm_kvevict.core.state import worker_state
 
     engine = llm.llm_engine
     idle = free_blocks(llm)
@@ -306,12 +306,12 @@ def test_abort_mid_prefill_returns_every_block_and_query(llm, prompt_a, short_pr
     for _ in range(3):  # 3 of 8 prefill chunks
         engine.step()
     assert free_blocks(llm) < idle
-    assert len(query_store()) > 0
+    assert len(worker_state().queries) > 0
     engine.abort_request(["abort-me"])
     out = run_steps(llm, [("after-abort", short_prompt, greedy())])
     assert "Paris" in tok_decode(llm, out["after-abort"])
     assert free_blocks(llm) == idle
-    assert len(query_store()) == 0
+    assert len(worker_state().queries) == 0
 
 
 def tok_decode(llm, ids):

@@ -56,6 +56,7 @@ class _Request:
     """Just what KVEvictScheduler.kv_plan reads."""
 
     def __init__(self, prompt_len: int):
+        self.request_id = f"probe-{prompt_len}"
         self.num_prompt_tokens = prompt_len
         self.sampling_params = None
 

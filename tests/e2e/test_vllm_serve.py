@@ -216,7 +216,7 @@ def test_override_none_is_not_compacted(server, long_text):
 
 @pytest.mark.parametrize(
     "xargs, field",
-    [({"kv_budget": 0}, "kv_budget"), ({"kv_policy": "bogus"}, "kv_policy"), ({"kv_policy": "tokenselect", "kv_budget": 0.5}, "kv_budget"),
+    [({"kv_budget": 0}, "kv_budget"), ({"kv_policy": "bogus"}, "kv_policy"), ({"kv_policy": "tokenselect", "kv_budget": "3/2"}, "kv_budget"),
      ({"kv_sink_tokens": -1}, "sink_tokens")],
 )
 def test_bad_override_is_a_400_naming_the_field(server, xargs, field):

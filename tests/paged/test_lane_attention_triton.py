@@ -1,4 +1,5 @@
-"""The Triton lane-attention kernel against its torch twin (vllm_kvevict.paged.lanes.lane_attention).
+"""The Triton lane-attention kernel and its batched torch twin (vllm_kvevict.paged.lanes.lane_attention)
+against the naive per-request reference (lanes.lane_attention_row).
 
 On CPU this runs under TRITON_INTERPRET=1 (see conftest.py); on a GPU natively."""
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from tests.paged.conftest import DEVICE, kernel_module
-from vllm_kvevict.paged.lanes import LaneMap, lane_attention as twin
+from vllm_kvevict.paged.lanes import LaneMap, lane_attention as batched_twin, lane_attention_row as twin
 
 
 def lane_attention(*args, **kwargs):
@@ -60,6 +61,9 @@ def test_kernel_matches_twin_on_a_ragged_batch(group, bs, dim, block_n, num_spli
                          num_splits=num_splits)
     tol = 1e-5 if DEVICE == "cpu" else 2e-2  # tf32 dots on GPU
     torch.testing.assert_close(got.cpu(), torch.cat(expected), rtol=tol, atol=tol)
+    torch_twin = batched_twin(torch.cat(q_list), keys, values, table, lane_start, head_len, num_comp,
+                              torch.tensor(q_req), torch.tensor(q_pos), scale)
+    torch.testing.assert_close(torch_twin, torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_reads_a_strided_cpu_layout_view():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vllm_kvevict.paged.lanes import LaneMap, lane_attention, lane_counts, pack_lanes
+from vllm_kvevict.paged.lanes import LaneMap, lane_attention, lane_attention_row, lane_counts, pack_lanes
 from vllm_kvevict.policies.adakv import allocate_lanes
 
 
@@ -131,9 +131,13 @@ def test_lane_attention_equals_dense_attention_over_kept_tokens(heads, bs, lengt
     keys, values, row, lanes, n, expect = _case(heads, bs, lengths, prompt_blocks, tail, seed=3)
     query = torch.randn(num_q, heads * group, keys.shape[-1], generator=torch.Generator().manual_seed(9))
     scale = keys.shape[-1] ** -0.5
-    got = lane_attention(query, keys, values, row, lanes, n, tail, scale)
     want = dense_reference(query, expect, lengths, tail, scale)
+    got = lane_attention_row(query, keys, values, row, lanes, n, tail, scale)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    batched = lane_attention(query, keys, values, row[None], torch.tensor([lanes.starts]), torch.tensor([lanes.lengths]),
+                             torch.tensor([n]), torch.zeros(num_q, dtype=torch.long), torch.arange(tail - num_q, tail),
+                             scale, max_queries=2)  # several query groups
+    torch.testing.assert_close(batched.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_lane_counts_and_errors():

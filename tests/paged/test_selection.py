@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvevict.policies.tokenselect import select_candidates, with_fixed_windows
+from vllm_kvevict.policies.soft_vote import with_fixed_windows
+from vllm_kvevict.policies.tokenselect import select_candidates
 from vllm_kvevict.paged.selection import paged_scores, sparse_attention, vote_topk
 
 

@@ -8,7 +8,7 @@ import torch
 from tests.paged.conftest import DEVICE, kernel_module
 from tests.paged.test_selection import paged_case
 from vllm_kvevict.paged import selection as twin
-from vllm_kvevict.policies.tokenselect import soft_vote as twin_vote, with_fixed_windows
+from vllm_kvevict.policies.soft_vote import soft_vote as twin_vote, with_fixed_windows
 
 TOL = 1e-5 if DEVICE == "cpu" else 2e-2  # tf32 dots on GPU
 

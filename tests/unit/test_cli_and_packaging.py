@@ -11,30 +11,40 @@ from pathlib import Path
 from vllm_kvevict.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
-ALL = ["none", "streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl", "locret", "tokenselect"]
+# the five papers' policies: the registry finds at least these (a new policy adds itself)
+PAPERS = {"streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl", "locret", "tokenselect"}
+KIND_ORDER = {"none": 0, "evict": 1, "select": 2}
 
 
-def test_policies_json_lists_all_ten(capsys):
+def test_policies_json_lists_every_registered_policy(capsys):
+    from vllm_kvevict.policies.registry import POLICIES
+
     assert main(["policies", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ALL
+    names = [r["name"] for r in rows]
+    assert names == list(POLICIES) and PAPERS <= set(names) and names[0] == "none"
     kinds = {r["name"]: r["kind"] for r in rows}
-    assert kinds["none"] == "none" and kinds["tokenselect"] == "select"
-    assert all(kinds[n] == "evict" for n in ALL if n not in ("none", "tokenselect"))
+    assert kinds["tokenselect"] == "select" and all(kinds[n] == "evict" for n in PAPERS - {"tokenselect"})
+    # listed by kind (the full cache, evicting, selecting), then by name
+    assert names == sorted(names, key=lambda n: (KIND_ORDER[kinds[n]], n if n != "none" else ""))
     ada = next(r for r in rows if r["name"] == "ada-snapkv")
     assert ada["defaults"]["budget"] == 1024 and ada["defaults"]["floor_alpha"] == 0.2
 
 
 def test_policies_table(capsys):
+    from vllm_kvevict.policies.registry import POLICIES
+
     assert main(["policies"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 10 and lines[4].startswith("ada-snapkv")
+    assert len(lines) == len(POLICIES) and lines[2].startswith("ada-snapkv")
 
 
 def test_console_script_is_installed():
+    from vllm_kvevict.policies.registry import POLICIES
+
     exe = Path(sys.executable).parent / "vllm-kvevict"
     out = subprocess.run([str(exe), "policies", "--json"], capture_output=True, text=True, check=True)
-    assert len(json.loads(out.stdout)) == 10
+    assert len(json.loads(out.stdout)) == len(POLICIES)
 
 
 def test_every_package_is_listed_in_pyproject():
@@ -45,9 +55,10 @@ def test_every_package_is_listed_in_pyproject():
     assert found == listed
 
 
-def test_policy_library_does_not_import_vllm():
+def test_policies_paged_maths_and_core_do_not_import_vllm():
     code = "import sys, vllm_kvevict.policies as p; [s.factory for s in p.POLICIES.values()]; " \
-           "from vllm_kvevict.policies import snapkv, nacl, vatp, locret, tokenselect, streamingllm; " \
+           "import vllm_kvevict.paged.layout, vllm_kvevict.paged.lanes, vllm_kvevict.paged.selection; " \
+           "import vllm_kvevict.core.eviction, vllm_kvevict.core.adapter; " \
            "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

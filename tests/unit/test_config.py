@@ -8,8 +8,8 @@ import pytest
 
 from vllm_kvevict.policies.config import PolicyConfig
 from vllm_kvevict.policies.locret import LocretWeightsMissing
-from vllm_kvevict.policies.params import parse_budget
-from vllm_kvevict.policies.presets import POLICIES
+from vllm_kvevict.policies.budget import parse_budget
+from vllm_kvevict.policies.registry import POLICIES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -17,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 @pytest.mark.parametrize(
     "data, pattern",
     [
-        ({"policy": "snapkvv"}, r"kv_policy='snapkvv' is unknown: expected one of none, streamingllm"),
+        ({"policy": "snapkvv"}, r"kv_policy='snapkvv' is unknown: expected one of none, ada-pyramidkv, ada-snapkv"),
         ({"policy": 3}, r"kv_policy=3 is invalid"),
         ({"policy": "snapkv", "budget": 0}, r"budget=0 is out of range: a token count must be >= 1"),
         ({"policy": "snapkv", "budget": -5}, r"budget=-5 is out of range"),
@@ -37,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
         ({"policy": "vatp", "vatp_mode": "h2o"}, r"vatp_mode='h2o' is invalid: expected one of 'window', 'accumulate'"),
         ({"policy": "tokenselect", "similarity_threshold": 2}, r"similarity_threshold=2 is out of range"),
         ({"policy": "tokenselect", "n_local": -1}, r"n_local=-1 is out of range"),
-        ({"policy": "snapkv", "floor_alpha": 0.3}, r"'floor_alpha' does not apply to policy 'snapkv' \(it applies to: ada-snapkv"),
+        ({"policy": "snapkv", "floor_alpha": 0.3}, r"'floor_alpha' does not apply to policy 'snapkv' \(it applies to: ada-pyramidkv, ada-snapkv\)"),
         ({"policy": "snapkv", "frobnicate": 1}, r"unknown key 'frobnicate' for policy 'snapkv': it takes budget, window"),
         ({"policy": "none", "window": 4}, r"'window' does not apply to policy 'none'"),
     ],
@@ -47,9 +47,11 @@ def test_bad_fields_have_their_own_message(data, pattern):
         PolicyConfig.from_dict(data)
 
 
-def test_tokenselect_budget_must_be_a_count():
-    with pytest.raises(ValueError, match=r"tokenselect budget=0.5 is invalid: expected a token count k"):
-        PolicyConfig("tokenselect", 0.5).build()
+def test_tokenselect_takes_a_ratio_of_the_context_like_every_policy():
+    policy = PolicyConfig("tokenselect", 0.25, (("n_init", 16), ("n_local", 32))).build()
+    assert [policy.top_k(n) for n in (1, 4, 400, 4001)] == [1, 1, 100, 1001]
+    assert not policy.selects(65) and policy.selects(66)  # 65 = 16 + ceil(65 / 4) + 32: attends to all
+    assert PolicyConfig("tokenselect", 300).build().top_k(10_000) == 300
 
 
 def test_keys_accept_prefix_dashes_and_strings():

@@ -95,7 +95,7 @@ def test_copies_what_the_package_build_needs(name):
         assert (ROOT / src).exists(), f"{name} copies {src}, which is not in the repository"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = {"pyproject.toml", project["project"]["readme"], "configs"}
-    needed |= set(project["tool"]["setuptools"]["package-dir"].values())
+    needed |= {p.split(".")[0] for p in project["tool"]["setuptools"]["packages"]}
     assert needed <= set(sources)
 
 

@@ -106,9 +106,9 @@ def test_percentile():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["eval", "--budgets", "128,abc"], "budget 'abc' is neither"),
-    (["eval", "--budgets", "1.5"], "whole number"),
-    (["eval", "--policies", "snapkv,h2o"], "policy 'h2o' is not one vLLM serves"),
+    (["eval", "--budgets", "128,abc"], "budget='abc' is invalid"),
+    (["eval", "--budgets", "1.5"], "write a token count as an integer"),
+    (["eval", "--policies", "snapkv,h2o"], "policy 'h2o' is unknown; choose from none, ada-pyramidkv"),
     (["eval", "--tasks", "niah,summ"], "task 'summ' is not one of"),
     (["eval", "--depths", "1.5"], "depth 1.5 must be in [0, 1]"),
     (["eval", "--context", "100"], "context 100 is too short"),
@@ -116,7 +116,7 @@ def test_percentile():
     (["bench", "capacity", "--block-size", "48"], "block_size=48 must be a multiple of 32"),
     (["bench", "capacity", "--kv-blocks", "10"], "kv_blocks=10 cannot hold one request"),
     (["bench", "capacity", "--requests", "0"], "requests=0 must be >= 1"),
-    (["bench", "capacity", "--policies", "nope"], "policy 'nope' is not one vLLM serves"),
+    (["bench", "capacity", "--policies", "nope"], "policy 'nope' is unknown"),
 ])
 def test_bad_arguments_fail_fast_with_a_clear_message(capsys, argv, message):
     try:

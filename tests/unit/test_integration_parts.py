@@ -101,7 +101,7 @@ SERVER = PolicyConfig.from_dict({"policy": "snapkv", "budget": 256})
         ({"kv_budget": 0}, "kv_budget", "budget=0"),
         ({"kv_budget": "lots"}, "kv_budget", "budget='lots'"),
         ({"kv_policy": "bogus"}, "kv_policy", "bogus"),
-        ({"kv_policy": "tokenselect", "kv_budget": 0.5}, "kv_budget", "tokenselect budget=0.5 is invalid"),
+        ({"kv_policy": "tokenselect", "kv_budget": "3/2"}, "kv_budget", "budget=1.5 is out of range"),
         ({"kv_policy": "locret", "kv_weights": "/no/heads.pt"}, "kv_policy", "none were found at '/no/heads.pt'"),
         ({"kv_sink_tokens": -1}, None, "sink_tokens"),
         ({"kv_pyramid_beta": 2.0}, None, "pyramid_beta"),
@@ -149,7 +149,7 @@ def test_eviction_override_needs_prefix_caching_off():
 
 
 def test_request_plan_falls_back_to_the_full_cache_on_a_bad_override():
-    from vllm_kvevict.integration.vllm.settings import request_plan
+    from vllm_kvevict.core.requests import request_plan
 
     good = request_plan(SERVER, None, 1947, 128, 30)
     assert good.compaction.freed_blocks == 13
@@ -185,7 +185,7 @@ def test_flags_fold_into_additional_config(tmp_path):
 
 
 @pytest.mark.parametrize("argv, text", [(["--kv-budget", "0", "--kv-policy", "snapkv"], "budget=0"),
-                                        (["--kv-policy", "tokenselect", "--kv-budget", "0.5"], "token count k"),
+                                        (["--kv-policy", "tokenselect", "--kv-budget", "1/0"], "budget='1/0' is invalid"),
                                         (["--kv-policy", "locret"], "locret' needs --enforce-eager"),
                                         (["--kv-policy", "snapkv", "--kv-window", "x"], "window")])
 def test_bad_flag_is_a_clear_error(argv, text):
@@ -251,12 +251,14 @@ def test_selection_counts_travel_from_worker_to_prometheus():
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     from vllm_kvevict.integration.vllm.metrics import EvictionCounters, PromMetrics, attach, take
-    from vllm_kvevict.integration.vllm.worker import REPORT_ATTR, _with_worker_report, selection_store
+    from vllm_kvevict.core.state import worker_state
+    from vllm_kvevict.integration.vllm.metrics import REPORT_ATTR
+    from vllm_kvevict.integration.vllm.worker import _with_worker_report
 
-    store = selection_store()  # the worker thread's own
+    store = worker_state().report  # the worker thread's own
     for layer, hit in enumerate([False, True, True]):
-        store.record("tokenselect", "r1", hit, 1000 + layer)
-    store.record("tokenselect", "r2", False, 700)
+        store.record_selection("tokenselect", "r1", hit, 1000 + layer)
+    store.record_selection("tokenselect", "r2", False, 700)
     store.record_compaction("snapkv", "r3", 0.25)
     store.record_compaction("snapkv", "r3", 0.5)  # layers add up
     output = pickle.loads(pickle.dumps(_with_worker_report(ModelRunnerOutput(req_ids=[], req_id_to_index={}))))
@@ -320,13 +322,15 @@ def test_chunked_compaction_points_and_blocks():
 
 
 def test_locret_plan_and_retention():
-    from vllm_kvevict.integration.vllm.settings import plan_for
+    from vllm_kvevict.core.requests import plan_for
     from vllm_kvevict.policies.config import PolicyConfig
+    from vllm_kvevict.policies.declaration import Need, Trigger
 
     plan = plan_for(PolicyConfig.from_dict({"policy": "locret", "budget": 512}), 4000, 128, 30)
     assert (plan.compaction.kept_blocks, plan.compaction.start, plan.compaction.last_point) == (4, 1024, 3584)
     policy = plan.policy
-    assert policy.needs_qkv and policy.eviction_chunk == 512
+    decl = policy.declaration
+    assert decl.needs == {Need.PRE_ROPE_QKV} and decl.trigger is Trigger.PER_PREFILL_CHUNK and decl.prefill_chunk == 512
     scores = torch.arange(1024.0).flip(0).repeat(3, 1)  # earliest tokens score highest
     kept = policy.retain(scores, 512)
     assert kept.shape == (3, 512)
@@ -337,9 +341,9 @@ def test_locret_plan_and_retention():
     low_first = torch.arange(10.0).repeat(3, 1)
     assert sinks.retain(low_first, 4)[0].tolist() == [0, 1, 8, 9]
     qkv = torch.randn(7, policy.heads.shape.in_features)
-    assert policy.chunk_scores(3, qkv).shape == (3, 7)
+    assert policy.token_scores(3, qkv).shape == (3, 7)
     with pytest.raises(ValueError, match=r"\(7, 5\)"):
-        policy.chunk_scores(3, qkv[:, :5])
+        policy.token_scores(3, qkv[:, :5])
 
 
 def test_locret_kernel_size_max_pools_predictions_along_tokens():
@@ -349,16 +353,16 @@ def test_locret_kernel_size_max_pools_predictions_along_tokens():
     plain = PolicyConfig.from_dict({"policy": "locret", "budget": 512}).build()
     pooled = PolicyConfig.from_dict({"policy": "locret", "budget": 512, "kernel_size": 3}).build()
     qkv = torch.randn(9, plain.heads.shape.in_features, generator=torch.Generator().manual_seed(0))
-    raw = plain.chunk_scores(5, qkv)
+    raw = plain.token_scores(5, qkv)
     assert plain.kernel_size == 1 and pooled.kernel_size == 3  # pooling is off by default
     expected = torch.stack([raw[:, max(0, i - 1): i + 2].max(dim=1).values for i in range(9)], dim=1)
-    assert torch.allclose(pooled.chunk_scores(5, qkv), expected)
+    assert torch.allclose(pooled.token_scores(5, qkv), expected)
     with pytest.raises(ValueError, match="kernel_size=0"):
         PolicyConfig.from_dict({"policy": "locret", "kernel_size": 0})
 
 
 def test_score_store_keeps_pending_chunks_in_order():
-    from vllm_kvevict.integration.vllm.worker import ScoreStore
+    from vllm_kvevict.core.state import ScoreStore
 
     store = ScoreStore()
     store.add("r", 0, 0, torch.ones(3, 4))

@@ -1,4 +1,4 @@
-"""Locret retaining-head training (vllm_kvevict.locret_train) and the shipped weights.
+"""Locret retaining-head training (vllm_kvevict.training) and the shipped weights.
 
 Uses the prepared default model through transformers (no vLLM); about a minute on 2 CPU cores.
 """
@@ -12,7 +12,9 @@ import math
 import pytest
 import torch
 
-from vllm_kvevict import locret_train as lt
+from vllm_kvevict.training import locret as lt
+from vllm_kvevict.training import locret_data as ld
+from vllm_kvevict.training import locret_metrics as lm
 from vllm_kvevict.policies.locret import HeadShape, RetainingHeads, default_weights_path, load_retaining_heads
 
 #: The shipped heads on freshly generated held-out examples (seed 777, 768-1024 tokens; text,
@@ -48,7 +50,7 @@ def test_cis_labels_match_direct_float64(hq, hkv, t, query_len):
     gen = torch.Generator().manual_seed(hq * 100 + t)
     q = torch.randn(hq, t, 8, generator=gen) * 2
     k = torch.randn(hkv, t, 8, generator=gen) * 2
-    got = lt.cis_labels(q, k, query_len)
+    got = ld.cis_labels(q, k, query_len)
     assert got.shape == (hkv, t - query_len)
     torch.testing.assert_close(got.double(), _cis_reference(q, k, query_len), rtol=1e-5, atol=1e-6)
 
@@ -59,42 +61,42 @@ def test_cis_is_max_over_the_gqa_group_and_only_later_queries():
     k = torch.zeros(1, 4, 1)
     k[0, 1] = 1.0
     q[1, 3] = 2.0  # head 1's query looks at token 1 (logit 2), head 0 attends uniformly
-    cis = lt.cis_labels(q, k, query_len=1, scale=1.0)[0]
+    cis = ld.cis_labels(q, k, query_len=1, scale=1.0)[0]
     e2 = math.exp(2.0)
     # token 1: head 1 gives e^2 / (e^2 + 3); tokens 0 and 2: head 0's uniform 1/4 beats head 1's 1/(e^2 + 3)
     torch.testing.assert_close(cis.double(), torch.tensor([0.25, e2 / (e2 + 3), 0.25], dtype=torch.float64))
     # prefix positions' own queries never count: only later (query-region) positions label the prefix
     q2 = q.clone()
     q2[:, :3] = torch.randn(2, 3, 1) * 5
-    torch.testing.assert_close(lt.cis_labels(q2, k, query_len=1, scale=1.0)[0], cis)
+    torch.testing.assert_close(ld.cis_labels(q2, k, query_len=1, scale=1.0)[0], cis)
     # with a 2-token query region, position 2's query is causal: it cannot see token 3
     k3 = torch.zeros(1, 4, 1)
     k3[0, 3] = 10.0
     q3 = torch.ones(2, 4, 1)
-    cis3 = lt.cis_labels(q3, k3, query_len=2, scale=1.0)[0]
+    cis3 = ld.cis_labels(q3, k3, query_len=2, scale=1.0)[0]
     torch.testing.assert_close(cis3, torch.full((2,), 1 / 3))  # position 2: uniform over tokens 0..2
 
 
 def test_target_is_monotone_in_cis_and_length_free():
     cis = torch.tensor([[1e-6, 1e-3, 0.01, 0.5, 0.9]])
-    target = lt.cis_target(cis)
+    target = ld.cis_target(cis)
     assert torch.all(target[0, 1:] > target[0, :-1])
     # uniform attention (CIS = 1/N) maps to about log(1) = 0 at any length
     for n in (100, 1000):
-        assert abs(float(lt.cis_target(torch.full((1, n), 1 / n))[0, 0])) < 0.02
+        assert abs(float(ld.cis_target(torch.full((1, n), 1 / n))[0, 0])) < 0.02
 
 
 def test_spearman_and_recall():
     a = torch.tensor([0.1, 0.4, 0.2, 0.9, 0.3])
-    assert lt.spearman(a, a * 10 + 1) == pytest.approx(1.0)
-    assert lt.spearman(a, -a) == pytest.approx(-1.0)
+    assert lm.spearman(a, a * 10 + 1) == pytest.approx(1.0)
+    assert lm.spearman(a, -a) == pytest.approx(-1.0)
     # tie-averaged ranks, as scipy.stats.spearmanr: x = [1, 2, 2, 3] vs y = [1, 3, 2, 4] -> 0.9487
-    assert lt.spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 3, 2, 4])) == pytest.approx(0.948683, abs=1e-6)
-    assert lt.rankdata(torch.tensor([5.0, 1, 5, 3])).tolist() == [2.5, 0.0, 2.5, 1.0]
+    assert lm.spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 3, 2, 4])) == pytest.approx(0.948683, abs=1e-6)
+    assert lm.rankdata(torch.tensor([5.0, 1, 5, 3])).tolist() == [2.5, 0.0, 2.5, 1.0]
     true = torch.arange(20.0)
-    assert lt.topk_recall(true, true) == 1.0  # top-10% of 20 = 2 tokens
-    assert lt.topk_recall(-true, true) == 0.0
-    assert lt.topk_recall(torch.tensor([0.0] * 18 + [1, 0]), true) == 0.5
+    assert lm.topk_recall(true, true) == 1.0  # top-10% of 20 = 2 tokens
+    assert lm.topk_recall(-true, true) == 0.0
+    assert lm.topk_recall(torch.tensor([0.0] * 18 + [1, 0]), true) == 0.5
 
 
 def test_config_errors_name_the_value():
@@ -116,9 +118,9 @@ def test_extract_features_are_the_pre_rope_projections_and_labels_match_eager_at
     net, tok, _ = backbone
     ids = tok("The pass key is 12345. Remember it. " * 6 + "What is the pass key? The pass key is 12345.")["input_ids"]
     query_len = 8
-    feats, cis = lt.extract(net, ids, query_len)
+    feats, cis = ld.extract(net, ids, query_len)
     prefix = len(ids) - query_len
-    shape = lt.head_shape(net.config, 1)
+    shape = ld.head_shape(net.config, 1)
     assert feats.shape == (shape.num_layers, prefix, shape.in_features) and feats.dtype == torch.float16
     assert cis.shape == (shape.num_layers, shape.num_kv_heads, prefix)
     captured = {}
@@ -139,17 +141,17 @@ def test_extract_features_are_the_pre_rope_projections_and_labels_match_eager_at
         group = shape.num_heads // shape.num_kv_heads
         ref = probs[0, :, prefix:, :prefix].reshape(shape.num_kv_heads, group, query_len, prefix).amax(dim=(1, 2))
         torch.testing.assert_close(cis[layer], ref, rtol=1e-4, atol=1e-5)
-    again, _ = lt.extract(net, ids, query_len)
+    again, _ = ld.extract(net, ids, query_len)
     assert torch.equal(again, feats)  # the backbone pass is deterministic
 
 
 def test_examples_are_seeded_and_heldout_differs(backbone):
     _, tok, _ = backbone
-    a = lt.make_examples(tok, 6, 3, (300, 400), (32, 48))
-    assert a == lt.make_examples(tok, 6, 3, (300, 400), (32, 48))
-    held = lt.make_examples(tok, 6, 3, (300, 400), (32, 48), split="heldout")
+    a = ld.make_examples(tok, 6, 3, (300, 400), (32, 48))
+    assert a == ld.make_examples(tok, 6, 3, (300, 400), (32, 48))
+    held = ld.make_examples(tok, 6, 3, (300, 400), (32, 48), split="heldout")
     assert not {e.ids for e in a} & {e.ids for e in held}
-    assert [e.kind for e in a] == list(lt.TASK_MIX)
+    assert [e.kind for e in a] == list(ld.TASK_MIX)
     for ex in a:
         assert 300 <= len(ex.ids) <= 400 + 16  # tasks: the prompt's length plus the appended answer
         tail = tok.decode(list(ex.ids[-ex.query_len:]))
@@ -185,7 +187,7 @@ def test_tiny_training_lowers_heldout_loss(tiny_run):
     assert after["spearman"] > before["spearman"] + 0.2, (before, after)
     assert doc["history"]["heldout_loss"][0] == pytest.approx(before["loss"], abs=1e-4)
     assert (cfg.out / "loss.png").stat().st_size > 1000 and (cfg.out / "metrics.json").is_file()
-    heads = load_retaining_heads(cfg.out / "retaining_heads.pt", expect=lt.head_shape(_default_config(), 0))
+    heads = load_retaining_heads(cfg.out / "retaining_heads.pt", expect=ld.head_shape(_default_config(), 0))
     assert heads.shape.hidden == lt.TINY["hidden"]
     assert all(p.dtype == torch.float32 for p in heads.parameters())
     assert heads.meta["heldout"] == after and heads.meta["seed"] == cfg.seed and heads.meta["command"] == "tiny"
@@ -227,7 +229,7 @@ def test_shipped_weights_fit_the_default_model_and_refuse_other_shapes(tmp_path,
     assert path.is_file() and path.stat().st_size < 8 * 2**20
     info = lt.check(path)
     assert info["shape"]["num_layers"] == 30 and info["meta"]["heldout"]["spearman"] > SHIPPED_MIN_SPEARMAN
-    expect = lt.head_shape(_default_config(), 0)
+    expect = ld.head_shape(_default_config(), 0)
     heads = load_retaining_heads(path, expect=expect)
     assert all(p.dtype == torch.float32 for p in heads.parameters())
     for field, value in [("num_kv_heads", 4), ("num_layers", 32), ("head_dim", 128)]:
@@ -246,8 +248,8 @@ def test_shipped_weights_fit_the_default_model_and_refuse_other_shapes(tmp_path,
 
 def test_shipped_heads_rank_fresh_heldout_text(backbone):
     net, tok, _ = backbone
-    heads = load_retaining_heads(default_weights_path(), expect=lt.head_shape(net.config, 0))
-    examples = lt.make_examples(tok, 3, 777, (768, 1024), (64, 128), split="heldout")  # text, passkey, text
-    metrics = lt.evaluate(heads, (lt.extract(net, ex.ids, ex.query_len) for ex in examples), alpha=0.0025)
+    heads = load_retaining_heads(default_weights_path(), expect=ld.head_shape(net.config, 0))
+    examples = ld.make_examples(tok, 3, 777, (768, 1024), (64, 128), split="heldout")  # text, passkey, text
+    metrics = lm.evaluate(heads, (ld.extract(net, ex.ids, ex.query_len) for ex in examples), alpha=0.0025)
     assert metrics["spearman"] > SHIPPED_MIN_SPEARMAN, metrics
     assert metrics["recall_top10"] > SHIPPED_MIN_RECALL, metrics

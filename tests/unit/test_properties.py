@@ -11,7 +11,7 @@ from vllm_kvevict.policies.adakv import adakv_allocate
 from vllm_kvevict.policies.attention import pool_scores, window_attention
 from vllm_kvevict.policies.config import PolicyConfig
 from vllm_kvevict.policies.gqa import reduce_groups
-from vllm_kvevict.policies.params import resolve_budget
+from vllm_kvevict.policies.budget import resolve_budget
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import pyramid_budgets
 from vllm_kvevict.policies.topk import candidate_positions, protected_positions

@@ -12,7 +12,8 @@ from vllm_kvevict.policies.config import PolicyConfig
 from vllm_kvevict.policies.locret import HeadShape, RetainingHeads, retain_topk
 from vllm_kvevict.policies.nacl import random_keep_distribution
 from vllm_kvevict.policies.plan import LayerView
-from vllm_kvevict.policies.tokenselect import SelectionCache, cosine, select_candidates, soft_vote
+from vllm_kvevict.policies.soft_vote import SelectionCache, cosine, soft_vote
+from vllm_kvevict.policies.tokenselect import select_candidates
 from vllm_kvevict.policies.topk import topk_per_head
 from vllm_kvevict.policies.vatp import value_aware_importance
 

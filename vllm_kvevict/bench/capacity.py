@@ -23,12 +23,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from vllm_kvevict.eval.engine import cpu_defaults, make_llm, policy_args
+from vllm_kvevict.eval.engine import check_policies, cpu_defaults, make_llm, policy_args, servable_policies
 
 
 @dataclass
 class CapacitySpec:
-    policies: Sequence[str] = ("snapkv", "ada-snapkv", "streamingllm", "vatp", "nacl")
+    policies: Sequence[str] | None = None  # None: every registered policy the engine can serve
     budget: int | float = 256
     kv_blocks: int = 48
     block_size: int = 128
@@ -38,15 +38,12 @@ class CapacitySpec:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
-        from vllm_kvevict.integration.vllm.settings import check_servable, served_policies
-        from vllm_kvevict.policies.config import PolicyConfig
+    def __post_init__(self) -> None:
+        if self.policies is None:
+            self.policies = servable_policies()
 
-        for policy in self.policies:
-            if policy != "none" and policy not in served_policies():
-                raise ValueError(f"policy {policy!r} is not one vLLM serves here; choose from {', '.join(served_policies())}")
-            if policy != "none":
-                check_servable(PolicyConfig.from_dict({"policy": policy, "budget": self.budget}))
+    def validate(self) -> None:
+        check_policies(self.policies, [self.budget])
         if self.block_size % 32:
             raise ValueError(f"block_size={self.block_size} must be a multiple of 32 (CPU attention)")
         need = math.ceil((self.prompt_len + self.max_tokens) / self.block_size)

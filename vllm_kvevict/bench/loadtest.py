@@ -95,7 +95,7 @@ class LoadSpec:
     tokenizer: str | None = None  # default: the served model's path (/v1/models "root")
 
     def check(self) -> None:
-        from vllm_kvevict.policies.presets import POLICIES
+        from vllm_kvevict.policies.registry import POLICIES
 
         for policy in self.policies:
             if policy not in POLICIES:

@@ -1,6 +1,6 @@
 """`vllm-kvevict locret train|check`: train Locret's retaining heads, or check a weights file.
 
-`train` runs `vllm_kvevict.locret_train` (transformers on CPU, no vLLM): it writes the weights
+`train` runs `vllm_kvevict.training.locret` (transformers on CPU, no vLLM): it writes the weights
 (`retaining_heads.pt`), `metrics.json` and `loss.png` into `--out`. `check` loads a weights file
 against the model's shape and prints the held-out metrics recorded when it was trained.
 """
@@ -16,7 +16,7 @@ from vllm_kvevict.cli.eval_cmd import _pair
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from vllm_kvevict.locret_train import SHIPPED, TINY
+    from vllm_kvevict.training.locret import SHIPPED, TINY
 
     loc = sub.add_parser("locret", help="train or check Locret retaining heads (transformers, CPU)")
     lsub = loc.add_subparsers(dest="locret_command", required=True, metavar="ACTION")
@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig for parsed `locret train` arguments (--tiny defaults, then explicit flags)."""
-    from vllm_kvevict.locret_train import TrainConfig
+    from vllm_kvevict.training.locret import TrainConfig
 
     cfg = TrainConfig.tiny() if args.tiny else TrainConfig()
     for name in ("samples", "heldout", "context", "epochs", "hidden", "seed", "threads", "model", "cache_dir"):
@@ -80,7 +80,7 @@ def canonical_command(cfg, tiny: bool = False) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from vllm_kvevict.locret_train import train
+    from vllm_kvevict.training.locret import train
 
     cfg = config_from_args(args)
     doc = train(cfg, command=canonical_command(cfg, args.tiny))
@@ -94,7 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from vllm_kvevict.locret_train import check
+    from vllm_kvevict.training.locret import check
     from vllm_kvevict.policies.locret import default_weights_path
 
     weights = args.weights or default_weights_path()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vllm_kvevict.policies.presets import POLICIES
+from vllm_kvevict.policies.registry import POLICIES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

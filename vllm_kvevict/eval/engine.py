@@ -14,7 +14,7 @@ teacher-forced scoring of a continuation *after* the prompt was compacted, which
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 FORCE_KEY = "force_tokens"
 
@@ -87,6 +87,41 @@ def make_llm(model: str, max_model_len: int, *, block_size: int = 128, kv_blocks
     return LLM(**kwargs)
 
 
+def servable_policies() -> list[str]:
+    """Every registered policy (besides `none`) the engines built here can serve: all of them on CPU,
+    where they run eagerly; on CUDA those that do not need eager execution."""
+    from vllm_kvevict.policies.registry import names
+
+    eager = is_cpu()
+    return [name for name in names() if name != "none" and _servable(name, None, eager)]
+
+
+def check_policies(policies: Sequence[str], budgets: Sequence[int | float]) -> None:
+    """ValueError naming a policy the engine cannot serve, or a budget it refuses."""
+    from vllm_kvevict.integration.vllm.settings import check_servable
+    from vllm_kvevict.policies.config import PolicyConfig
+    from vllm_kvevict.policies.registry import names
+
+    for policy in policies:
+        if policy == "none":
+            continue
+        if policy not in names():
+            raise ValueError(f"policy {policy!r} is unknown; choose from {', '.join(names())}")
+        for budget in budgets:
+            check_servable(PolicyConfig.from_dict({"policy": policy, "budget": budget}), eager=is_cpu())
+
+
+def _servable(policy: str, budget: int | float | None, eager: bool) -> bool:
+    from vllm_kvevict.integration.vllm.settings import check_servable
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    try:
+        check_servable(PolicyConfig.from_dict({"policy": policy, "budget": budget}), eager=eager)
+    except ValueError:
+        return False
+    return True
+
+
 def policy_args(policy: str, budget: int | float | None) -> dict[str, Any]:
     """The per-request override for (policy, budget): what a client puts in `vllm_xargs`."""
     if policy == "none":
@@ -94,16 +129,3 @@ def policy_args(policy: str, budget: int | float | None) -> dict[str, Any]:
     return {"kv_policy": policy, "kv_budget": budget}
 
 
-def parse_budget(text: str) -> int | float:
-    """'256' -> 256 tokens; '0.125' -> an eighth of the prompt."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"budget {text!r} is neither a token count nor a ratio in (0, 1)") from None
-    if value >= 1:
-        if value != int(value):
-            raise ValueError(f"budget {text!r}: a token count must be a whole number")
-        return int(value)
-    if value <= 0:
-        raise ValueError(f"budget {text!r} must be > 0 (tokens) or in (0, 1) (a ratio of the prompt)")
-    return value

@@ -23,15 +23,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from vllm_kvevict.eval import scoring
-from vllm_kvevict.eval.engine import FORCE_KEY, cpu_defaults, make_llm, policy_args
+from vllm_kvevict.eval.engine import FORCE_KEY, check_policies, cpu_defaults, make_llm, policy_args, servable_policies
 from vllm_kvevict.eval.tasks import NEEDLE_TASKS, TASKS, Sample, hf_builder, make_samples
-
-DEFAULT_POLICIES = ("streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl")
 
 
 @dataclass
 class EvalSpec:
-    policies: Sequence[str] = DEFAULT_POLICIES
+    policies: Sequence[str] | None = None  # None: every registered policy the engine can serve
     budgets: Sequence[int | float] = (128, 256, 512)
     contexts: Sequence[int] = (1024, 2048, 4096)
     tasks: Sequence[str] = TASKS
@@ -44,20 +42,15 @@ class EvalSpec:
     policy_contexts: Sequence[int] | None = None
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
-        from vllm_kvevict.integration.vllm.settings import check_servable, served_policies
-        from vllm_kvevict.policies.config import PolicyConfig
+    def __post_init__(self) -> None:
+        if self.policies is None:
+            self.policies = servable_policies()
 
+    def validate(self) -> None:
         for task in self.tasks:
             if task not in TASKS:
                 raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
-        for policy in self.policies:
-            if policy == "none":
-                continue
-            if policy not in served_policies():
-                raise ValueError(f"policy {policy!r} is not one vLLM serves here; choose from {', '.join(served_policies())}")
-            for budget in self.budgets:
-                check_servable(PolicyConfig.from_dict({"policy": policy, "budget": budget}))
+        check_policies(self.policies, self.budgets)
         for context in self.contexts:
             if context < 256:
                 raise ValueError(f"context {context} is too short; use at least 256 tokens")

@@ -128,10 +128,11 @@ def gather_head(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, lan
     return k, v
 
 
-def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
-                   lanes: LaneMap, num_compacted: int, tail_len: int, scale: float) -> torch.Tensor:
-    """Attention of the last `Nq` tail tokens' queries over compacted lanes + tail (torch twin, CPU path).
+def lane_attention_row(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
+                       lanes: LaneMap, num_compacted: int, tail_len: int, scale: float) -> torch.Tensor:
+    """One request, head by head: the naive reference `lane_attention` is tested against.
 
+    Attention of the last `Nq` tail tokens' queries over compacted lanes + tail.
     query [Nq, H_q, D] are the queries of tail tokens tail_len - Nq .. tail_len - 1 (a decode step has
     Nq = 1; a prefill chunk after a compaction has more). Every compacted token precedes the tail, so
     it is visible to every query; tail tokens are causal. GQA: query head q reads KV head q // G.
@@ -152,4 +153,48 @@ def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
         s = torch.einsum("ngd,td->ngt", q, k.float()) * scale
         s = s.masked_fill(~visible.unsqueeze(1), float("-inf"))
         out[:, h * group : (h + 1) * group] = torch.einsum("ngt,td->ngd", torch.softmax(s, dim=-1), v.float()).to(query.dtype)
+    return out
+
+
+def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_table: torch.Tensor,
+                   lane_start: torch.Tensor, head_len: torch.Tensor, num_compacted: torch.Tensor,
+                   query_req: torch.Tensor, query_pos: torch.Tensor, scale: float,
+                   max_queries: int = 64) -> torch.Tensor:
+    """Batched lane attention, vectorised over queries and heads (the torch twin of the Triton kernel
+    `lane_attention_triton.lane_attention`, same arguments; the CPU path).
+
+    query [Nq, H_q, D]; keys, values [num_blocks, H_kv, bs, D] (any strides); block_table [B, M] (each
+    row's compacted blocks first, then its tail's); lane_start, head_len [B, H_kv]; num_compacted [B];
+    query_req [Nq] (its row in block_table) and query_pos [Nq] (its position in the tail). Query token i
+    of KV head h reads index space j in [0, head_len + query_pos + 1): j < head_len is lane token j
+    (`LaneMap.addresses`), else tail token j - head_len. Queries go `max_queries` at a time, so memory
+    stays bounded for a long prefill chunk. Returns [Nq, H_q, D] in the query's dtype (fp32 inside).
+    """
+    num_q, num_qh, dim = query.shape
+    num_kv, block_size = keys.shape[1], keys.shape[2]
+    if num_qh % num_kv:
+        raise ValueError(f"{num_qh} query heads are not a multiple of {num_kv} KV heads")
+    group = num_qh // num_kv
+    out = torch.empty_like(query)
+    heads = torch.arange(num_kv, device=query.device)[None, :, None]
+    for lo in range(0, num_q, max_queries):
+        hi = min(num_q, lo + max_queries)
+        req = query_req[lo:hi].long()
+        hlen = head_len[req].long()[..., None]  # [n, H, 1]
+        total = hlen + query_pos[lo:hi].long()[:, None, None] + 1
+        j = torch.arange(int(total.max()), device=query.device)  # [L]
+        in_lanes = j < hlen  # [n, H, L]
+        lane = lane_start[req].long()[..., None] + j // block_size
+        tail = (j - hlen).clamp(min=0)
+        col = torch.where(in_lanes, lane // num_kv, num_compacted[req].long()[:, None, None] + tail // block_size)
+        block = block_table[req[:, None, None], col.clamp(max=block_table.shape[1] - 1)].long().clamp(min=0)
+        kv_head = torch.where(in_lanes, lane % num_kv, heads)
+        slot = torch.where(in_lanes, j % block_size, tail % block_size)
+        k = keys[block, kv_head, slot].float()  # [n, H, L, D]
+        v = values[block, kv_head, slot].float()
+        q = query[lo:hi].float().view(hi - lo, num_kv, group, dim)
+        s = torch.einsum("nhgd,nhld->nhgl", q, k) * scale
+        s = s.masked_fill(~(j < total)[:, :, None, :], float("-inf"))
+        o = torch.einsum("nhgl,nhld->nhgd", torch.softmax(s, dim=-1), v)
+        out[lo:hi] = o.reshape(hi - lo, num_qh, dim).to(query.dtype)
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvevict.policies.tokenselect import soft_vote, vote_topk, with_fixed_windows
+from vllm_kvevict.policies.soft_vote import soft_vote, vote_topk, with_fixed_windows
 
 __all__ = ["paged_scores", "soft_vote", "vote_topk", "with_fixed_windows", "sparse_attention"]
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from vllm_kvevict.paged.tile_triton import empty_softmax_state, load_query_group, online_softmax_update
 
-from vllm_kvevict.policies.tokenselect import vote_topk as _vote_topk
+from vllm_kvevict.policies.soft_vote import vote_topk as _vote_topk
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def paged_scores(query: torch.Tensor, keys: torch.Tensor, row: torch.Tensor, pos
 
 
 def soft_vote(scores: torch.Tensor, block_c: int = 256) -> torch.Tensor:
-    """Twin of `vllm_kvevict.policies.tokenselect.soft_vote`: [H, C] -> [C]."""
+    """Twin of `vllm_kvevict.policies.soft_vote.soft_vote`: [H, C] -> [C]."""
     scores = scores.float().contiguous()
     num_heads, num_cand = scores.shape
     vote = torch.empty(num_cand, dtype=torch.float32, device=scores.device)
@@ -152,7 +152,7 @@ def soft_vote(scores: torch.Tensor, block_c: int = 256) -> torch.Tensor:
 
 
 def vote_topk(scores: torch.Tensor, k: int, pool_kernel: int = 0) -> torch.Tensor:
-    """Twin of `vllm_kvevict.policies.tokenselect.vote_topk` (sorted indices into the candidates)."""
+    """Twin of `vllm_kvevict.policies.soft_vote.vote_topk` (sorted indices into the candidates)."""
     return _vote_topk(scores, k, pool_kernel, vote_fn=soft_vote)
 
 

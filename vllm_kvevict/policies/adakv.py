@@ -16,7 +16,13 @@ from typing import Sequence
 
 import torch
 
+from vllm_kvevict.policies.params import Param
+
 ADA_MODES = ("exact", "official")
+FLOOR_ALPHA = Param("floor_alpha", float, 0.2, "Ada-KV safeguard: each head keeps at least alpha x the uniform share",
+                    0.0, 1.0)
+ADA_MODE = Param("ada_mode", str, "exact", "'exact' sums to the budget; 'official' rounds like the reference code",
+                 choices=ADA_MODES)
 
 
 def adakv_allocate(scores: torch.Tensor, total: int, floor_alpha: float = 0.0, mode: str = "exact") -> list[int]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from vllm_kvevict.policies.params import parse_budget
-from vllm_kvevict.policies.presets import POLICIES, get_spec
+from vllm_kvevict.policies.budget import parse_budget
+from vllm_kvevict.policies.registry import POLICIES, get_spec
 
 
 def normalize_key(key: str) -> str:

@@ -4,10 +4,10 @@ A retaining head per layer maps a token's pre-RoPE [q, k, v] to one causal impor
 per KV head: fc1 ((H_q + 2 H_kv) * d -> d_R), the model's activation (SiLU), fc2 (d_R -> H_kv), no
 biases (SPEC.md 2.9). During chunked prefill the cache keeps the top-`budget` units by predicted CIS,
 the last `stabilizers` tokens forced in. The heads must be trained for the model
-(`vllm_kvevict.locret_train`; trained heads ship for the default model in models/locret/); without
+(`vllm_kvevict.training.locret`; trained heads ship for the default model in models/locret/); without
 weights the policy refuses to run rather than invent scores.
 
-The shipped heads predict log(CIS * N + 0.01) (see `locret_train.cis_target`), not CIS itself: the
+The shipped heads predict log(CIS * N + 0.01) (see `training.locret_data.cis_target`), not CIS itself: the
 transform is strictly increasing, so ranking the outputs (all the policy does) ranks by CIS.
 
 Shapes: qkv [T, (H_q + 2 H_kv) * d] -> CIS [H_kv, T].
@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from vllm_kvevict.policies.attention import pool_scores
+from vllm_kvevict.policies.declaration import Need, Trigger
+from vllm_kvevict.policies.eviction import EvictionPolicy
+from vllm_kvevict.policies.params import MAX_TOKENS, MIN_PROMPT_LEN, Param, sink_tokens
 from vllm_kvevict.policies.plan import LayerView
-from vllm_kvevict.policies.policy import EvictionPolicy
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "locret"
 
@@ -124,20 +126,33 @@ def retain_topk(kept_cis: torch.Tensor, chunk_cis: torch.Tensor, budget: int, st
 
 
 class Locret(EvictionPolicy):
-    """Inside vLLM (per prefill chunk): `chunk_scores` scores each chunk's tokens as the model computes
+    """Inside vLLM (per prefill chunk): `token_scores` scores each chunk's tokens as the model computes
     them; at every chunk boundary `retain` picks what the cache keeps from [kept | chunk] by the scores
     remembered with the kept tokens and the new ones (vllm_kvevict/paged/layout.py has the block arithmetic).
     `plan` (the base pipeline) is the one-shot variant over a whole prompt."""
 
     name = "locret"
-    needs_qkv = True
+    description = "trained retaining heads predict causal importance; per prefill chunk"
+    param_specs = (
+        MIN_PROMPT_LEN, sink_tokens(0),
+        # [EXT] chunk 3072 at 128K; scaled to an 8K model
+        Param("chunk_size", int, 512, "prefill chunk after which the cache is compacted", 16, MAX_TOKENS),
+        # [EXT] 2500 at 128K; scaled to an 8K model. Fewer stabilizers with kernel_size 3 retrieve far
+        # more 4K needles at budget 1024 but lose fluency at 512 (docs/results.md, Locret ablation)
+        Param("stabilizers", int, 256, "last tokens always kept (context continuity)", 0, MAX_TOKENS),
+        # ours, not the paper's: pooling keeps a scored token's neighbours (a number's digits) with it
+        Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off)", 1, 255),
+        Param("weights", str, None, "retaining-head weights file (default: the shipped ones)", optional=True),
+    )
+    trigger = Trigger.PER_PREFILL_CHUNK
+    needs = frozenset({Need.PRE_ROPE_QKV})
 
     def __init__(self, budget, params):
         super().__init__(budget, params)
-        self.chunk_size = int(self.params.get("chunk_size", 512))
-        self.eviction_chunk = self.chunk_size
-        self.stabilizers = int(self.params.get("stabilizers", 256))
-        self.kernel_size = int(self.params.get("kernel_size", 1))
+        self.chunk_size = int(self.params["chunk_size"])
+        self.prefill_chunk = self.chunk_size
+        self.stabilizers = int(self.params["stabilizers"])
+        self.kernel_size = int(self.params["kernel_size"])
         weights = self.params.get("weights") or default_weights_path()
         if not Path(weights).is_file():
             raise LocretWeightsMissing(
@@ -157,7 +172,7 @@ class Locret(EvictionPolicy):
         with torch.no_grad():
             return self.heads(view.layer, qkv.float())
 
-    def chunk_scores(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """Predicted CIS [H_kv, T] of tokens whose pre-RoPE q/k/v rows are `qkv` [T, (H_q+2H_kv)*d]."""
         expected = self.heads.shape.in_features
         if qkv.dim() != 2 or qkv.shape[1] != expected:

@@ -18,14 +18,26 @@ import math
 import torch
 
 from vllm_kvevict.policies.attention import window_attention
+from vllm_kvevict.policies.declaration import Need
+from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
+from vllm_kvevict.policies.params import GQA_REDUCE, MIN_PROMPT_LEN, Param, sink_tokens
 from vllm_kvevict.policies.plan import LayerView
-from vllm_kvevict.policies.policy import EvictionPolicy
 from vllm_kvevict.policies.topk import topk_per_head
 
 
 class NACL(EvictionPolicy):
     name = "nacl"
+    description = "proxy-token attention top-k + random sample from the rest; once after prefill"
+    param_specs = (
+        GQA_REDUCE, MIN_PROMPT_LEN,
+        sink_tokens(4),  # [EXT] 256 at 128K prompts; scaled to an 8K model
+        Param("proxy_ratio", float, 0.01, "fraction of the prompt's tail used as proxy queries", 1e-6, 1.0),
+        # [EXT] 0.12 proxy + 0.07 random of T: 7/19 of the selectable slots are sampled
+        Param("random_fraction", float, 0.37, "share of each head's slots filled by random sampling", 0.0, 1.0),
+        Param("seed", int, 0, "seed of the random eviction (same seed, same plan)", 0, 2**62),
+    )
+    needs = frozenset({Need.WINDOW_QUERIES})
 
     def __init__(self, budget, params):
         super().__init__(budget, params)

@@ -1,4 +1,4 @@
-"""Typed, range-checked policy parameters.
+"""Typed, range-checked policy parameters, and the ones several policies share.
 
 Every policy declares its tunable fields as `Param`s; one generic validator checks any mapping of
 values against them, so the CLI, YAML presets, `--additional-config` and per-request `vllm_xargs`
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from vllm_kvevict.policies.gqa import REDUCTIONS
 
 
 @dataclass(frozen=True)
@@ -96,39 +98,21 @@ def _coerce(kind: type, value: Any) -> Any:
     raise TypeError(f"unsupported parameter kind {kind!r}")
 
 
-def parse_budget(value: Any, where: str = "") -> int | float:
-    """A budget is a token count (integer >= 1) or a ratio of the prompt (0 < r <= 1, written with a dot).
-
-    `256` and `"256"` are 256 tokens; `0.125` and `"0.125"` are 12.5% of the prompt; `1.0` keeps all.
-    """
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{where}budget={value!r} is invalid: expected a token count >= 1 or a ratio in (0, 1]")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = float(text) if any(c in text for c in ".eE") else int(text)
-        except ValueError:
-            raise ValueError(
-                f"{where}budget={value!r} is invalid: expected a token count >= 1 or a ratio in (0, 1]"
-            ) from None
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"{where}budget={value!r} is out of range: a token count must be >= 1")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or not 0.0 < value <= 1.0:
-            raise ValueError(
-                f"{where}budget={value!r} is out of range: a ratio must be in (0, 1]; "
-                "write a token count as an integer"
-            )
-        return value
-    raise ValueError(f"{where}budget={value!r} is invalid: expected a token count >= 1 or a ratio in (0, 1]")
+# ---- fields several policies share ----------------------------------------------------------------
+MAX_TOKENS = 1 << 20
 
 
-def resolve_budget(budget: int | float, num_tokens: int) -> int:
-    """Tokens kept per KV head for a prompt of `num_tokens` tokens (never more than the prompt)."""
-    if isinstance(budget, float):
-        tokens = max(1, math.ceil(budget * num_tokens - 1e-9))
-    else:
-        tokens = budget
-    return min(tokens, num_tokens)
+def window(default: int = 32) -> Param:
+    return Param("window", int, default, "observation window: trailing prompt queries that score, always kept",
+                 1, MAX_TOKENS)
+
+
+def sink_tokens(default: int) -> Param:
+    return Param("sink_tokens", int, default, "first tokens that are never evicted (attention sinks)", 0, MAX_TOKENS)
+
+
+KERNEL_SIZE = Param("kernel_size", int, 7, "pooling kernel along tokens (SnapKV: 7)", 1, 255)
+POOLING = Param("pooling", str, "max", "pooling of window scores along tokens", choices=("max", "avg", "none"))
+GQA_REDUCE = Param("gqa_reduce", str, "mean", "how a GQA group's query-head scores become one KV-head score",
+                   choices=REDUCTIONS)
+MIN_PROMPT_LEN = Param("min_prompt_len", int, 0, "prompts this short or shorter are not compressed", 0, MAX_TOKENS)

@@ -6,6 +6,10 @@ uniform budget. Linear from `max` at layer 0 to `min = base / beta` at the last 
 
 from __future__ import annotations
 
+from vllm_kvevict.policies.params import Param
+
+PYRAMID_BETA = Param("pyramid_beta", float, 20.0, "pyramid steepness: the top layer keeps base/beta", 1.0001, 1e6)
+
 
 def pyramid_budgets(base: int, num_layers: int, beta: float, capacity: int) -> list[int]:
     """Selectable slots per head for each layer; their mean is `base` (up to integer rounding).

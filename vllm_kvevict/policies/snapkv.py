@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvevict.policies.adakv import ADA_MODE, FLOOR_ALPHA
 from vllm_kvevict.policies.attention import pool_scores, window_attention
+from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Need
+from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
+from vllm_kvevict.policies.params import GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOLING, sink_tokens, window
 from vllm_kvevict.policies.plan import LayerView
-from vllm_kvevict.policies.policy import EvictionPolicy
+from vllm_kvevict.policies.pyramid import PYRAMID_BETA
+
+SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(0))
 
 
 class SnapKV(EvictionPolicy):
     name = "snapkv"
+    description = "observation-window attention, max-pooled, uniform per head; once after prefill"
+    param_specs = SNAP_PARAMS
+    needs = frozenset({Need.WINDOW_QUERIES})
 
     def __init__(self, budget, params):
         super().__init__(budget, params)
@@ -50,25 +59,21 @@ class SnapKV(EvictionPolicy):
 
 class PyramidKV(SnapKV):
     name = "pyramidkv"
-
-    def __init__(self, budget, params):
-        super().__init__(budget, params)
-        self.pyramid_beta = float(self.params.get("pyramid_beta", 20.0))
+    description = "snapkv with a pyramid per-layer budget schedule"
+    param_specs = SNAP_PARAMS + (PYRAMID_BETA,)
+    layer_budget = LayerBudget.PYRAMID
 
 
 class AdaSnapKV(SnapKV):
     name = "ada-snapkv"
-
-    def __init__(self, budget, params):
-        super().__init__(budget, params)
-        self.allocator = "ada"
-        self.floor_alpha = float(self.params.get("floor_alpha", 0.2))
-        self.ada_mode = str(self.params.get("ada_mode", "exact"))
+    description = "snapkv scores + Ada-KV adaptive per-head budgets (ragged heads)"
+    param_specs = SNAP_PARAMS + (FLOOR_ALPHA, ADA_MODE)
+    layout = KeptLayout.HEAD_LANES
+    allocator = "ada"
 
 
 class AdaPyramidKV(AdaSnapKV):
     name = "ada-pyramidkv"
-
-    def __init__(self, budget, params):
-        super().__init__(budget, params)
-        self.pyramid_beta = float(self.params.get("pyramid_beta", 20.0))
+    description = "pyramid layer schedule + Ada-KV adaptive per-head budgets"
+    param_specs = SNAP_PARAMS + (PYRAMID_BETA, FLOOR_ALPHA, ADA_MODE)
+    layer_budget = LayerBudget.PYRAMID

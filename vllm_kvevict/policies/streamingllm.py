@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvevict.policies.params import resolve_budget
+from vllm_kvevict.policies.budget import resolve_budget
+from vllm_kvevict.policies.eviction import EvictionPolicy
+from vllm_kvevict.policies.params import MIN_PROMPT_LEN, sink_tokens
 from vllm_kvevict.policies.plan import LayerView
-from vllm_kvevict.policies.policy import EvictionPolicy
 
 
 class StreamingLLM(EvictionPolicy):
     name = "streamingllm"
+    description = "attention sinks + recent window"
+    param_specs = (sink_tokens(4), MIN_PROMPT_LEN)
 
     def recent_tokens(self, num_tokens: int) -> int:
         budget = resolve_budget(self.budget, num_tokens)

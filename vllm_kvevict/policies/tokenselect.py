@@ -15,29 +15,16 @@ wrong for HF-ordered heads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import torch
 
-from vllm_kvevict.policies.attention import pool_scores
+from vllm_kvevict.policies.base import Policy
+from vllm_kvevict.policies.budget import resolve_budget
+from vllm_kvevict.policies.declaration import Declaration, KeptLayout, Trigger
 from vllm_kvevict.policies.gqa import expand_kv
-
-
-def soft_vote(scores: torch.Tensor) -> torch.Tensor:
-    """Head soft vote: raw scores [H, N] -> sum over heads of each head's softmax over N, [N]."""
-    return torch.softmax(scores.float(), dim=-1).sum(dim=0)
-
-
-def query_fingerprint(queries: torch.Tensor) -> torch.Tensor:
-    """[H_q, D] (one query) or [H_q, T, D] (a chunk, averaged over T) -> flat [H_q * D]."""
-    if queries.dim() == 3:
-        queries = queries.float().mean(dim=1)
-    return queries.float().reshape(-1)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+from vllm_kvevict.policies.params import MAX_TOKENS, Param
+from vllm_kvevict.policies.soft_vote import SelectionCache, query_fingerprint, vote_topk, with_fixed_windows
 
 
 def select_tokens(
@@ -62,79 +49,38 @@ def select_candidates(
     return vote_topk(scores, top_k, pool_kernel) + n_init
 
 
-def vote_topk(scores: torch.Tensor, k: int, pool_kernel: int = 0, vote_fn=soft_vote) -> torch.Tensor:
-    """Indices (into the candidates, sorted) of the top-k soft-vote totals of raw scores [H, C]
-    (`vote_fn`: the soft vote; the Triton kernel passes its fused one)."""
-    vote = vote_fn(scores)
-    if pool_kernel > 1:
-        vote = pool_scores(vote.unsqueeze(0), pool_kernel, "max").squeeze(0)
-    top = torch.topk(vote, min(k, vote.numel()), sorted=False).indices
-    return torch.sort(top).values
-
-
-def with_fixed_windows(picked: torch.Tensor, num_tokens: int, n_init: int, n_local: int) -> torch.Tensor:
-    """[0, n_init) U picked U [N - n_local, N), sorted and unique (on picked's device)."""
-    dev = picked.device
-    fixed = torch.cat([torch.arange(min(n_init, num_tokens), device=dev),
-                       torch.arange(max(0, num_tokens - n_local), num_tokens, device=dev)])
-    return torch.unique(torch.cat([fixed, picked]))
-
-
-@dataclass
-class SelectionCache:
-    """Last query fingerprint and top-k candidates per key (request, layer), with hit/miss counts."""
-
-    threshold: float
-    entries: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    hits: int = 0
-    misses: int = 0
-
-    def lookup(self, key: Hashable, fingerprint: torch.Tensor, threshold: float | None = None) -> torch.Tensor | None:
-        """The cached candidates if the new fingerprint is similar enough (`threshold`: this cache's
-        own unless given), else None; counts the hit or miss."""
-        entry = self.entries.get(key)
-        limit = self.threshold if threshold is None else threshold
-        if entry is not None and entry[0].shape == fingerprint.shape and cosine(entry[0], fingerprint) >= limit:
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        return None
-
-    def store(self, key: Hashable, fingerprint: torch.Tensor, picked: torch.Tensor) -> None:
-        self.entries[key] = (fingerprint, picked)
-
-    def drop(self, request_key: Hashable) -> None:
-        """Forget every layer's entry of a finished or preempted request."""
-        for key in [k for k in self.entries if isinstance(k, tuple) and k[0] == request_key]:
-            del self.entries[key]
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
-class TokenSelect:
-    """The `tokenselect` policy: `budget` is k, the tokens selected per query besides the fixed windows."""
+class TokenSelect(Policy):
+    """The `tokenselect` policy: `budget` is k, the tokens selected per query besides the fixed windows
+    (a ratio r selects ceil(r x context), at least 1)."""
 
     name = "tokenselect"
-    kind = "select"
+    description = "per-query head-soft-vote top-k over the full cache; nothing freed"
+    param_specs = (
+        Param("n_init", int, 128, "initial tokens every query attends to", 0, MAX_TOKENS),
+        Param("n_local", int, 512, "recent tokens every query attends to", 0, MAX_TOKENS),
+        Param("similarity_threshold", float, 0.9, "selection-cache reuse when cos(q, q_cached) >= this", -1.0, 1.0),
+        Param("select_pool_kernel", int, 0, "max-pool the vote along tokens (0: off)", 0, 255),
+        Param("prefill_chunk", int, 512, "prefill queries select once per this many positions (mean query)",
+              1, MAX_TOKENS),
+    )
+    default_budget = 2048
+    trigger = Trigger.PER_QUERY
 
     def __init__(self, budget: int | float, params: dict[str, Any]):
-        if not isinstance(budget, int):
-            raise ValueError(f"tokenselect budget={budget!r} is invalid: expected a token count k (an integer >= 1)")
-        self.budget = budget
-        self.params = dict(params)
-        self.top_k = budget
-        self.n_init = int(self.params.get("n_init", 128))
-        self.n_local = int(self.params.get("n_local", 512))
-        self.pool_kernel = int(self.params.get("select_pool_kernel", 0))
-        self.prefill_chunk = int(self.params.get("prefill_chunk", 512))
-        self.threshold = float(self.params.get("similarity_threshold", 0.9))
+        super().__init__(budget, params)
+        self.n_init = int(self.params["n_init"])
+        self.n_local = int(self.params["n_local"])
+        self.pool_kernel = int(self.params["select_pool_kernel"])
+        self.prefill_chunk = int(self.params["prefill_chunk"])
+        self.threshold = float(self.params["similarity_threshold"])
         self.cache = SelectionCache(self.threshold)
 
-    def query_window(self, num_tokens: int) -> int:
-        return 0
+    def declare(self) -> Declaration:
+        return Declaration(self.trigger, layout=KeptLayout.UNCHANGED)
+
+    def top_k(self, num_tokens: int) -> int:
+        """k for a query over `num_tokens` cached tokens: the budget, or its ratio of them (at least 1)."""
+        return resolve_budget(self.budget, max(1, num_tokens))
 
     def pieces(self, first: int, last: int) -> list[tuple[int, int]]:
         """Positions [first, last) of one step cut at multiples of `prefill_chunk`: each piece selects
@@ -150,7 +96,11 @@ class TokenSelect:
 
     def selects(self, num_tokens: int) -> bool:
         """Whether a query over `num_tokens` cached tokens selects (else it attends to all of them)."""
-        return num_tokens > self.n_init + self.top_k + self.n_local
+        return num_tokens > self.n_init + self.top_k(num_tokens) + self.n_local
+
+    def with_windows(self, picked: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """[0, n_init) U picked U [num_tokens - n_local, num_tokens), sorted and unique."""
+        return with_fixed_windows(picked, num_tokens, self.n_init, self.n_local)
 
     def select(self, query: torch.Tensor, keys: torch.Tensor, cache_key: Hashable | None = None) -> torch.Tensor:
         """Indices for query [H_q, D] (or a chunk [H_q, T, D]) over keys [H_kv, N, D]."""
@@ -161,11 +111,11 @@ class TokenSelect:
         picked = self.cache.lookup(cache_key, fp) if cache_key is not None else None
         if picked is None:
             q = query.float().mean(dim=1) if query.dim() == 3 else query
-            picked = select_candidates(q, keys, self.n_init, self.n_local, self.top_k, self.pool_kernel)
+            picked = select_candidates(q, keys, self.n_init, self.n_local, self.top_k(num_tokens), self.pool_kernel)
             if cache_key is not None:
                 self.cache.store(cache_key, fp, picked)
         # cached picks may now sit inside the grown local window: the union dedups them
-        return with_fixed_windows(picked[picked < num_tokens], num_tokens, self.n_init, self.n_local)
+        return self.with_windows(picked[picked < num_tokens], num_tokens)
 
     def describe(self) -> str:
-        return f"tokenselect(k={self.top_k}, n_init={self.n_init}, n_local={self.n_local}, threshold={self.cache.threshold})"
+        return f"tokenselect(k={self.budget}, n_init={self.n_init}, n_local={self.n_local}, threshold={self.cache.threshold})"

@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 
 from vllm_kvevict.policies.attention import window_attention
+from vllm_kvevict.policies.declaration import Need
+from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
+from vllm_kvevict.policies.params import GQA_REDUCE, MAX_TOKENS, MIN_PROMPT_LEN, Param, sink_tokens, window
 from vllm_kvevict.policies.plan import LayerView
-from vllm_kvevict.policies.policy import EvictionPolicy
 
 
 def value_l1_norm(values: torch.Tensor) -> torch.Tensor:
@@ -35,12 +37,20 @@ def value_aware_importance(attention: torch.Tensor, values: torch.Tensor) -> tor
 
 class VATP(EvictionPolicy):
     name = "vatp"
+    description = "attention x value L1 norm, sinks protected; after prefill and during decode"
+    param_specs = (
+        window(), GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(20),  # [EXT] README: sink_len 20
+        Param("vatp_mode", str, "window", "attention over the window (Scissorhands) or all queries (H2O)",
+              choices=("window", "accumulate")),
+        Param("decode_interval", int, 128, "decode tokens the tail may grow before re-compaction", 1, MAX_TOKENS),
+    )
+    needs = frozenset({Need.WINDOW_QUERIES})
 
     def __init__(self, budget, params):
         super().__init__(budget, params)
-        self.window = int(self.params.get("window", 32))
-        self.mode = str(self.params.get("vatp_mode", "window"))
-        self.decode_interval = int(self.params.get("decode_interval", 128))
+        self.window = int(self.params["window"])
+        self.mode = str(self.params["vatp_mode"])
+        self.decode_interval = int(self.params["decode_interval"])
 
     def query_window(self, num_tokens: int) -> int:
         return num_tokens if self.mode == "accumulate" else min(self.window, num_tokens)

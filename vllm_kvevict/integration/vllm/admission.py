@@ -8,7 +8,8 @@ engine. We wrap it (once, at class level) to validate the `kv_*` keys of `extra_
 
 from __future__ import annotations
 
-from vllm_kvevict.integration.vllm.settings import bad_field, server_config, validate_request
+from vllm_kvevict.core.requests import server_config
+from vllm_kvevict.integration.vllm.settings import bad_field, validate_request
 
 _MARK = "_kvevict_wrapped"
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vllm_kvevict.integration.vllm.settings import CONFIG_KEY, check_servable, server_config
+from vllm_kvevict.core.requests import CONFIG_KEY, server_config
+from vllm_kvevict.integration.vllm.settings import check_servable
 from vllm_kvevict.policies.config import PolicyConfig
-from vllm_kvevict.policies.presets import POLICIES
+from vllm_kvevict.policies.registry import POLICIES
 
 _MARK = "_kvevict_wrapped"
 # every parameter of every policy becomes --kv-<name>; parsed as strings, validated by PolicyConfig

@@ -1,4 +1,4 @@
-"""Post-process every VllmConfig: validate the KV policy, select our scheduler and worker.
+"""Post-process every VllmConfig: validate the KV policy, select our scheduler, worker and backend.
 
 Wraps `EngineArgs.create_engine_config`, which both `vllm serve` and `LLM(...)` go through, so the
 offline path (`LLM(..., additional_config={"kv_evict": {...}})`) is configured the same way.
@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import logging
 
-from vllm_kvevict.integration.vllm.settings import CONFIG_KEY, check_servable, server_config
+from vllm_kvevict.core.requests import CONFIG_KEY, build_policy, server_config
+from vllm_kvevict.integration.vllm.settings import check_servable
+from vllm_kvevict.policies.declaration import LayerBudget
 
 logger = logging.getLogger("vllm_kvevict")
 _MARK = "_kvevict_wrapped"
 
+SCHEDULER_CLS = "vllm_kvevict.integration.vllm.scheduler.KVEvictScheduler"
+CPU_WORKER_CLS = "vllm_kvevict.integration.vllm.worker.KVEvictCPUWorker"
+CPU_BACKEND_CLS = "vllm_kvevict.integration.vllm.backend.KVEvictCPUBackend"
+
 
 def configure(vllm_config) -> None:
     from vllm.platforms import current_platform
-
-    from vllm_kvevict.integration.vllm import plugin
 
     try:
         config = server_config(vllm_config.additional_config)
@@ -38,21 +42,19 @@ def configure(vllm_config) -> None:
         return
     sched = vllm_config.scheduler_config
     if sched.scheduler_cls is None or sched.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler":
-        sched.scheduler_cls = plugin.SCHEDULER_CLS
+        sched.scheduler_cls = SCHEDULER_CLS
     par = vllm_config.parallel_config
     if par.worker_cls in ("auto", "vllm.v1.worker.cpu_worker.CPUWorker"):
-        par.worker_cls = plugin.CPU_WORKER_CLS
+        par.worker_cls = CPU_WORKER_CLS
     if config.kind == "evict" and vllm_config.cache_config.enable_prefix_caching:
         logger.warning("vllm-kvevict: %s compacts prompts in place; disabling prefix caching", config.policy)
         vllm_config.cache_config.enable_prefix_caching = False
     if config.kind != "none":
         logger.info("vllm-kvevict: KV policy %s, budget %s", config.policy, config.budget)
-        if config.policy in ("pyramidkv", "ada-snapkv", "ada-pyramidkv"):
+        if build_policy(config).declaration.layer_budget is LayerBudget.PYRAMID:
             logger.warning(
-                "vllm-kvevict: %s runs rectangular here: every layer and KV head keeps the same number "
-                "of slots (the largest layer's / head's), so it saves no more memory than snapkv at that size",
-                config.policy,
-            )
+                "vllm-kvevict: %s gives each layer its own budget, but all layers share a request's block row: "
+                "a request holds the blocks of its largest layer (smaller layers use fewer of them)", config.policy)
 
 
 def install() -> None:

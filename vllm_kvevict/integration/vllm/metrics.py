@@ -9,10 +9,10 @@ would read it as connector stats) and to feed our Prometheus metrics:
 
     vllm_kvevict:evicted_tokens_total{policy}   prompt tokens dropped by compaction
     vllm_kvevict:freed_blocks_total{policy}     KV blocks returned to the pool
-    vllm_kvevict:compactions_total{policy}      compactions (a prompt's, and VATP's during decode)
+    vllm_kvevict:compactions_total{policy}      compactions (a prompt's, and decode-time ones)
     vllm_kvevict:kept_ratio{policy}             histogram: kept / prompt tokens per compacted request
-    vllm_kvevict:selection_cache_hits_total{policy}    TokenSelect selections reused (per layer)
-    vllm_kvevict:selection_cache_misses_total{policy}  TokenSelect selections computed (per layer)
+    vllm_kvevict:selection_cache_hits_total{policy}    selections reused (per layer; selecting policies)
+    vllm_kvevict:selection_cache_misses_total{policy}  selections computed (per layer)
     vllm_kvevict:selected_tokens{policy}        histogram: tokens a selecting request attended to in a
                                                 step (mean over layers)
     vllm_kvevict:compaction_seconds{policy}     histogram: worker time of one request's compaction
@@ -21,8 +21,8 @@ would read it as connector stats) and to feed our Prometheus metrics:
                                                 (positions) or physical (what the cache holds)
     vllm_kvevict:policy_info{policy,budget}     gauge, always 1: the server-wide policy and budget
 
-TokenSelect's counts and compaction times start in the worker; they reach the scheduler on the
-ModelRunnerOutput (worker.REPORT_ATTR) and travel on from there like the compaction events.
+Selection counts and compaction times start in the worker; they reach the scheduler on the
+ModelRunnerOutput (attribute `REPORT_ATTR`) and travel on from there like the compaction events.
 
 The metrics live in prometheus_client's default registry, which vLLM's /metrics serves (and which
 prometheus_client's multiprocess mode covers when vLLM turns it on).
@@ -35,6 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PAYLOAD_KEY = "vllm_kvevict"
+#: ModelRunnerOutput attribute carrying a step's worker report (`core.state.WorkerReport.drain`) to the
+#: scheduler: the MP executor pickles the object whole, so an attribute survives; the scheduler reads it
+#: in update_from_output.
+REPORT_ATTR = "kvevict_report"
 _MARK = "_kvevict_wrapped"
 KEPT_RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SELECTED_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384)
@@ -65,12 +69,12 @@ class EvictionCounters:
         self._pending.append([policy, evicted, freed, ratio])
 
     def add_worker_report(self, report: dict[str, list[list[Any]]]) -> None:
-        """One step's report from the worker (worker.SelectionStore.drain)."""
+        """One step's report from the worker (core.state.WorkerReport.drain)."""
         self.add_selection(report.get("selection", ()))
         self._pending_times.extend([policy, float(seconds)] for policy, seconds in report.get("compaction_s", ()))
 
     def add_selection(self, counts) -> None:
-        """TokenSelect counts: [[policy, hits, misses, [selected, ...]], ...]."""
+        """Selection counts: [[policy, hits, misses, [selected, ...]], ...]."""
         for policy, hits, misses, selected in counts:
             self.selection_hits[policy] = self.selection_hits.get(policy, 0) + hits
             self.selection_misses[policy] = self.selection_misses.get(policy, 0) + misses
@@ -127,11 +131,11 @@ class PromMetrics:
             "vllm_kvevict:kept_ratio", "Kept / prompt tokens per compacted request.", ["policy"],
             buckets=KEPT_RATIO_BUCKETS,
         )
-        self.hits = Counter("vllm_kvevict:selection_cache_hits", "TokenSelect selections reused from the "
+        self.hits = Counter("vllm_kvevict:selection_cache_hits", "Selections reused from the "
                             "selection cache (one per layer and query piece).", ["policy"])
-        self.misses = Counter("vllm_kvevict:selection_cache_misses", "TokenSelect selections computed "
+        self.misses = Counter("vllm_kvevict:selection_cache_misses", "Selections computed "
                               "(selection-cache misses, one per layer and query piece).", ["policy"])
-        self.selected = Histogram("vllm_kvevict:selected_tokens", "Tokens a TokenSelect request attended to "
+        self.selected = Histogram("vllm_kvevict:selected_tokens", "Tokens a selecting request attended to "
                                   "in one step (mean over layers).", ["policy"], buckets=SELECTED_BUCKETS)
         self.compaction_time = Histogram("vllm_kvevict:compaction_seconds", "Worker time of one request's "
                                          "compaction: scoring, selection and moving KV over all layers.", ["policy"],
@@ -147,7 +151,7 @@ class PromMetrics:
         """Create every policy's series at 0 up front (Prometheus practice for known label values):
         a counter born at its first event hides that event from rate() and increase(), so the first
         request a policy compacts would never show on a dashboard or in a load report."""
-        from vllm_kvevict.policies.presets import POLICIES
+        from vllm_kvevict.policies.registry import POLICIES
 
         for name, spec in POLICIES.items():
             if spec.kind == "evict":
@@ -207,7 +211,7 @@ def install() -> None:
 
     def __init__(self, vllm_config, *args, **kwargs):
         original_init(self, vllm_config, *args, **kwargs)
-        from vllm_kvevict.integration.vllm.settings import server_config
+        from vllm_kvevict.core.requests import server_config
 
         config = server_config(vllm_config.additional_config)
         PromMetrics.get().set_info(config.policy, config.budget)

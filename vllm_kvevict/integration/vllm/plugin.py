@@ -1,8 +1,8 @@
 """The `vllm.general_plugins` entry point: runs in every vLLM process, possibly more than once.
 
-It adds our CLI flags, checks per-request overrides at admission, exports our metrics, overrides the CPU attention backend with ours, and makes every engine config
-use our scheduler and worker. With policy `none` (the default) and no per-request override, these
-behave exactly like vLLM's own.
+It adds our CLI flags, checks per-request overrides at admission, exports our metrics, overrides the
+CPU attention backend with ours, and makes every engine config use our scheduler and worker. With
+policy `none` (the default) and no per-request override, these behave exactly like vLLM's own.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ import logging
 logger = logging.getLogger("vllm_kvevict")
 
 _registered = False
-
-SCHEDULER_CLS = "vllm_kvevict.integration.vllm.scheduler.KVEvictScheduler"
-CPU_WORKER_CLS = "vllm_kvevict.integration.vllm.worker.KVEvictCPUWorker"
-CPU_BACKEND_CLS = "vllm_kvevict.integration.vllm.backend.KVEvictCPUBackend"
 
 
 def register() -> None:
@@ -32,4 +28,4 @@ def register() -> None:
     admission.install()
     metrics.install()
     # The CPU platform always resolves CPU_ATTN; an override registered for it is honoured.
-    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_CLS)
+    register_backend(AttentionBackendEnum.CPU_ATTN, engine_config.CPU_BACKEND_CLS)

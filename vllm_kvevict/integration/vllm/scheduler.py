@@ -1,14 +1,15 @@
 """Scheduler side of eviction: return a compacted request's freed blocks to the pool.
 
 The worker compacts a request's prompt during the step that finishes its prefill (see backend.py),
-or, for per-chunk eviction (Locret), in every step that ends a prefill chunk.
+or, for per-chunk eviction (Trigger.PER_PREFILL_CHUNK), in every step that ends a prefill chunk.
 Before the next step is scheduled, this scheduler swaps the request's blocks between the compacted
 region and the tail for the null block and returns them to the BlockPool, the mechanism sliding
 window attention uses (`_remove_blocks_in_range`). Freed blocks go to other requests at once, so
-more requests run concurrently. Both sides derive the block counts from `settings.plan_for`.
+more requests run concurrently.
 
 Preemption frees all of a request's blocks and recomputes it; the worker compacts it again, with
-the same result (policies are deterministic), and it is freed again here.
+the same result (policies are deterministic), and it is freed again here. Both sides derive the
+block counts from the request's plan (`core.requests`), worked out once per request.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import logging
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_kvevict.integration.vllm.metrics import EvictionCounters, attach
-from vllm_kvevict.integration.vllm.settings import request_plan, server_config
-from vllm_kvevict.integration.vllm.worker import REPORT_ATTR
+from vllm_kvevict.core.requests import PlanBook, server_config
+from vllm_kvevict.integration.vllm.metrics import REPORT_ATTR, EvictionCounters, attach
 
 logger = logging.getLogger("vllm_kvevict")
 
@@ -32,6 +32,7 @@ class KVEvictScheduler(Scheduler):
         self.kv_server_config = server_config(self.vllm_config.additional_config)
         self.kv_block_size = self.cache_config.block_size
         self.kv_num_layers = self.vllm_config.model_config.get_total_num_hidden_layers()  # global layer ids, also under PP
+        self.kv_plans = PlanBook(self.kv_server_config, self.kv_block_size, self.kv_num_layers)
         self.kv_freed: dict[str, int] = {}  # request id -> freed block count (compaction applied)
         self.kv_counters = EvictionCounters()
 
@@ -87,6 +88,7 @@ class KVEvictScheduler(Scheduler):
 
     def _free_request(self, request, *args, **kwargs):
         self.kv_freed.pop(request.request_id, None)
+        self.kv_plans.forget((request.request_id,))
         return super()._free_request(request, *args, **kwargs)
 
     # ---- freeing -----------------------------------------------------------------------------------
@@ -116,4 +118,4 @@ class KVEvictScheduler(Scheduler):
 
     def kv_plan(self, request):
         extra = request.sampling_params.extra_args if request.sampling_params else None
-        return request_plan(self.kv_server_config, extra, request.num_prompt_tokens, self.kv_block_size, self.kv_num_layers)
+        return self.kv_plans.get(request.request_id, extra, request.num_prompt_tokens)

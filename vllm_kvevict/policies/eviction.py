@@ -1,71 +1,106 @@
-"""The eviction pipeline shared by every evict-kind policy: score -> allocate -> select.
+"""The eviction pipeline shared by every evicting policy: budget rule -> score -> allocate -> select.
 
 A policy is a scorer (tokens -> scores per KV head), an allocator (budget per layer and head), and a
 selector (top-k around protected sinks and a recent window). Subclasses override the pieces that
-make their method (DESIGN.md section 4). Nothing here knows about vLLM.
+make their method (DESIGN.md section 4) and declare the rest as class data (`declaration.py`).
+Nothing here knows about vLLM.
 
-Budget semantics: `budget` is the number of tokens each KV head keeps on average in every layer,
-protected tokens included. Protected tokens always survive, so a budget below them keeps exactly
-the protected tokens. A budget >= the prompt keeps everything.
+Budget semantics (`keep_budget`, the one rule every plan and the block layout use): `budget` is the
+number of tokens each KV head keeps on average in every layer, protected tokens included. Protected
+tokens always survive, so a budget below them keeps exactly the protected tokens. A budget >= the
+prompt keeps everything. A pyramid policy moves the selectable part between layers, keeping the mean.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from vllm_kvevict.policies.adakv import adakv_allocate, adakv_allocate_lanes, allocate_lanes
-from vllm_kvevict.policies.params import resolve_budget
+from vllm_kvevict.policies.base import Policy
+from vllm_kvevict.policies.budget import resolve_budget
+from vllm_kvevict.policies.declaration import Declaration, KeptLayout, LayerBudget, Need
 from vllm_kvevict.policies.plan import KeepPlan, LayerView
 from vllm_kvevict.policies.pyramid import pyramid_budgets
 from vllm_kvevict.policies.topk import candidate_positions, merge_kept, protected_positions, topk_per_head
 from vllm_kvevict.policies.uniform import uniform_allocate
 
 
-class EvictionPolicy:
+@dataclass(frozen=True)
+class KeepBudget:
+    """What one layer of a prompt keeps per KV head: the protected positions, the candidates, and how
+    many candidates each head keeps on average (`selectable`)."""
+
+    protected: torch.Tensor
+    candidates: torch.Tensor
+    selectable: int
+
+    @property
+    def per_head(self) -> int:
+        return self.protected.numel() + self.selectable
+
+
+class EvictionPolicy(Policy):
     """Base class: evict once after prefill with uniform per-head budgets and plain top-k."""
 
-    name: ClassVar[str] = "base"
-    kind: ClassVar[str] = "evict"
-    #: Compact after every this many prefill tokens instead of once after the prompt (0: once).
-    eviction_chunk: int = 0
-    #: The scorer reads each token's pre-RoPE q/k/v (LayerView.extra["qkv"]), captured as it is computed.
-    needs_qkv: ClassVar[bool] = False
+    needs: ClassVar[frozenset[Need]] = frozenset()
+    layout: ClassVar[KeptLayout] = KeptLayout.RECTANGULAR
+    layer_budget: ClassVar[LayerBudget] = LayerBudget.UNIFORM
+    #: how `allocate` splits a layer's slots over heads: "uniform" or "ada" (Ada-KV's global top-B)
+    allocator: ClassVar[str] = "uniform"
 
-    def __init__(self, budget: int | float, params: dict[str, Any]):
-        self.budget = budget
-        self.params = dict(params)
+    def __init__(self, budget: int | float, params):
+        super().__init__(budget, params)
         self.sink_tokens = int(self.params.get("sink_tokens", 0))
         self.min_prompt_len = int(self.params.get("min_prompt_len", 0))
         self.gqa_reduce = str(self.params.get("gqa_reduce", "mean"))
-        self.allocator = "uniform"
-        self.pyramid_beta: float | None = None
-        self.floor_alpha = 0.0
-        self.ada_mode = "exact"
+        self.pyramid_beta = float(self.params.get("pyramid_beta", 20.0))
+        self.floor_alpha = float(self.params.get("floor_alpha", 0.0))
+        self.ada_mode = str(self.params.get("ada_mode", "exact"))
+        self.prefill_chunk = 0  # PER_PREFILL_CHUNK policies: prompt tokens between compactions
+        self.decode_interval = 0  # re-compact the tail every this many generated tokens (0: never)
 
-    # ---- what the integration layer asks before building a view -------------------------------
+    def declare(self) -> Declaration:
+        return Declaration(self.trigger, self.needs, self.layout, self.layer_budget, self.prefill_chunk,
+                           self.decode_interval)
+
+    # ---- the budget rule (what the block layout and every plan use) -------------------------------
     def query_window(self, num_tokens: int) -> int:
-        """How many trailing prompt queries the scorer needs (0: none)."""
+        """How many trailing prompt queries the scorer needs (Need.WINDOW_QUERIES)."""
         return 0
 
     def recent_tokens(self, num_tokens: int) -> int:
         """Size of the protected recent window for a prompt of `num_tokens`."""
         return 0
 
-    def tokens_per_head(self, num_tokens: int, layer: int = 0, num_layers: int = 1) -> int:
-        """Average tokens kept per KV head at `layer` (for block accounting before any scoring)."""
+    def positions(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(protected, candidates): the positions every head keeps, and those open to eviction."""
+        recent = self.recent_tokens(num_tokens)
+        return (protected_positions(num_tokens, self.sink_tokens, recent),
+                candidate_positions(num_tokens, self.sink_tokens, recent))
+
+    def keep_budget(self, num_tokens: int, layer: int = 0, num_layers: int = 1) -> KeepBudget | None:
+        """The layer's budget for a prompt of `num_tokens`, or None when it keeps everything."""
         if num_tokens <= self.min_prompt_len:
-            return num_tokens
+            return None
         budget = resolve_budget(self.budget, num_tokens)
         if budget >= num_tokens:
-            return num_tokens
-        n_prot = protected_positions(num_tokens, self.sink_tokens, self.recent_tokens(num_tokens)).numel()
-        base = max(budget, n_prot) - n_prot
-        return n_prot + self._layer_base(base, num_tokens - n_prot, layer, num_layers)
+            return None
+        protected, candidates = self.positions(num_tokens)
+        base = min(max(budget, protected.numel()) - protected.numel(), candidates.numel())
+        if self.layer_budget is LayerBudget.PYRAMID:
+            base = pyramid_budgets(base, num_layers, self.pyramid_beta, candidates.numel())[layer]
+        return KeepBudget(protected, candidates, base)
+
+    def tokens_per_head(self, num_tokens: int, layer: int = 0, num_layers: int = 1) -> int:
+        """Average tokens kept per KV head at `layer` (for block accounting before any scoring)."""
+        rule = self.keep_budget(num_tokens, layer, num_layers)
+        return num_tokens if rule is None else min(num_tokens, rule.per_head)
 
     def max_tokens_per_head(self, num_tokens: int, num_layers: int = 1) -> int:
-        """The largest per-head count any layer keeps (uniform allocation)."""
+        """The largest per-head count any layer keeps (the request holds that layer's blocks)."""
         return max(self.tokens_per_head(num_tokens, layer, num_layers) for layer in range(num_layers))
 
     # ---- the pipeline ----------------------------------------------------------------------------
@@ -74,23 +109,18 @@ class EvictionPolicy:
         raise NotImplementedError
 
     def plan(self, view: LayerView) -> KeepPlan:
-        """Which tokens each KV head keeps after the prompt has been prefilled."""
+        """Which tokens each KV head keeps after the prompt has been prefilled (dense, per-head counts)."""
         num_tokens, num_heads = view.num_tokens, view.num_kv_heads
-        if self.tokens_per_head(num_tokens, view.layer, view.num_layers) >= num_tokens:
+        rule = self.keep_budget(num_tokens, view.layer, view.num_layers)
+        if rule is None or rule.per_head >= num_tokens:
             return KeepPlan.keep_all(num_heads, num_tokens)
-        recent = self.recent_tokens(num_tokens)
-        protected = protected_positions(num_tokens, self.sink_tokens, recent)
-        candidates = candidate_positions(num_tokens, self.sink_tokens, recent)
-        budget = resolve_budget(self.budget, num_tokens)
-        base = max(budget, protected.numel()) - protected.numel()
-        base = self._layer_base(base, candidates.numel(), view.layer, view.num_layers)
-        cand_scores = self._candidate_scores(view, candidates)
-        counts = self.allocate(cand_scores, base * num_heads)
+        cand_scores = self._candidate_scores(view, rule.candidates)
+        counts = self.allocate(cand_scores, rule.selectable * num_heads)
         chosen = self.choose(cand_scores, counts, view)
-        return KeepPlan(merge_kept(protected, candidates, chosen), num_tokens)
+        return KeepPlan(merge_kept(rule.protected, rule.candidates, chosen), num_tokens)
 
     def plan_rect(self, view: LayerView, region: int, keep: int) -> KeepPlan:
-        """Exactly `keep` tokens per KV head among the first `region` positions (the paged path).
+        """Exactly `keep` tokens per KV head among the first `region` positions (KeptLayout.RECTANGULAR).
 
         vLLM's paged attention reads one contiguous length per request, so inside vLLM every head and
         layer keeps the same count: the compacted region of `keep` slots. Positions at or after
@@ -100,23 +130,19 @@ class EvictionPolicy:
         num_tokens, num_heads = view.num_tokens, view.num_kv_heads
         region = min(region, num_tokens)
         keep = min(keep, region)
-        recent = self.recent_tokens(num_tokens)
-        protected = protected_positions(num_tokens, self.sink_tokens, recent)
-        protected = protected[protected < region]
+        protected, candidates = self._region_positions(num_tokens, region)
         if protected.numel() >= keep:  # sinks first, then the latest protected positions
             sinks = protected[protected < self.sink_tokens]
             rest = protected[protected >= self.sink_tokens]
             chosen = torch.cat([sinks, rest.flip(0)])[:keep]
             return KeepPlan([torch.sort(chosen).values for _ in range(num_heads)], region)
-        candidates = candidate_positions(num_tokens, self.sink_tokens, recent)
-        candidates = candidates[candidates < region]
         cand_scores = self._candidate_scores(view, candidates)
         counts = uniform_allocate(num_heads, (keep - protected.numel()) * num_heads, candidates.numel())
         chosen = self.choose(cand_scores, counts, view)
         return KeepPlan(merge_kept(protected, candidates, chosen), region)
 
     def plan_lanes(self, view: LayerView, region: int, total_lanes: int, block_size: int) -> KeepPlan:
-        """Ragged per-head plan for the head-lane layout (`vllm_kvevict.paged.lanes`): `total_lanes` lanes of
+        """Ragged per-head plan for the head-lane layout (KeptLayout.HEAD_LANES): `total_lanes` lanes of
         `block_size` slots shared by the layer's KV heads, among the first `region` positions.
 
         Memory is paid in lanes, so the allocation is made in lanes: Ada-KV's global top-B over whole
@@ -128,12 +154,8 @@ class EvictionPolicy:
         region = min(region, num_tokens)
         if total_lanes * block_size >= region * num_heads:
             return KeepPlan([torch.arange(region) for _ in range(num_heads)], region)
-        recent = self.recent_tokens(num_tokens)
-        protected = protected_positions(num_tokens, self.sink_tokens, recent)
-        protected = protected[protected < region]
+        protected, candidates = self._region_positions(num_tokens, region)
         n_prot = protected.numel()
-        candidates = candidate_positions(num_tokens, self.sink_tokens, recent)
-        candidates = candidates[candidates < region]
         cand_scores = self._candidate_scores(view, candidates)
         if self.allocator == "ada":
             lanes = adakv_allocate_lanes(cand_scores, total_lanes, block_size, n_prot, self.floor_alpha)
@@ -143,6 +165,10 @@ class EvictionPolicy:
         keep = [min(candidates.numel(), max(0, min(n * block_size, region) - n_prot)) for n in lanes]
         chosen = self.choose(cand_scores, keep, view)
         return KeepPlan(merge_kept(protected, candidates, chosen), region)
+
+    def _region_positions(self, num_tokens: int, region: int) -> tuple[torch.Tensor, torch.Tensor]:
+        protected, candidates = self.positions(num_tokens)
+        return protected[protected < region], candidates[candidates < region]
 
     def _candidate_scores(self, view: LayerView, candidates: torch.Tensor) -> torch.Tensor:
         scores = self.score(view)
@@ -159,12 +185,3 @@ class EvictionPolicy:
 
     def choose(self, cand_scores: torch.Tensor, counts: list[int], view: LayerView) -> list[torch.Tensor]:
         return topk_per_head(cand_scores, counts)
-
-    def _layer_base(self, base: int, capacity: int, layer: int, num_layers: int) -> int:
-        base = min(base, capacity)
-        if self.pyramid_beta is None:
-            return base
-        return pyramid_budgets(base, num_layers, self.pyramid_beta, capacity)[layer]
-
-    def describe(self) -> str:
-        return f"{self.name}(budget={self.budget}, {', '.join(f'{k}={v}' for k, v in sorted(self.params.items()))})"

@@ -1,0 +1,130 @@
+"""The eviction core without vLLM: request plans, the step plan's metadata rewrite, and a layer's
+capture -> compaction -> attention on a hand-made cache in CPU_ATTN's layout (the torch adapter)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_kvevict.core.adapter import TORCH_CPU
+from vllm_kvevict.core.eviction import LayerEviction, plan_step
+from vllm_kvevict.core.requests import PlanBook, plan_for
+from vllm_kvevict.core.state import WorkerState
+from vllm_kvevict.core.step import RowInfo, StepContext
+from vllm_kvevict.paged.cache_layout import cpu_views
+from vllm_kvevict.paged.compact import gather_dense
+from vllm_kvevict.paged.lanes import LaneMap, lane_attention_row
+from vllm_kvevict.policies.config import PolicyConfig
+from vllm_kvevict.policies.plan import LayerView
+
+BS, HKV, GROUP, DIM = 16, 2, 2, 16
+
+
+def config(policy: str, budget, **params) -> PolicyConfig:
+    return PolicyConfig.from_dict({"policy": policy, "budget": budget, **params})
+
+
+def test_plan_book_works_a_plan_out_once_and_forgets_it():
+    book = PlanBook(config("snapkv", 256), 128, 30)
+    first = book.get("r1", None, 1947)
+    assert book.get("r1", {"kv_budget": 64}, 1947) is first  # per request, not per call
+    assert first.compaction.freed_blocks == 13
+    assert book.get("r2", {"kv_budget": -5}, 1947).config.policy == "none"  # a bad override keeps the full KV
+    assert book.get("r3", {"kv_policy": "tokenselect"}, 1947).selects
+    book.forget(["r1", "r2"])
+    assert len(book) == 1 and book.get("r1", {"kv_budget": 64}, 1947).compaction.kept_tokens == 128
+
+
+def _row(req_id, policy, budget, prompt_len, computed, scheduled, layers=1, **params):
+    plan = plan_for(config(policy, budget, **params), prompt_len, BS, layers)
+    return RowInfo(req_id, computed, scheduled, prompt_len, plan)
+
+
+def test_plan_step_rewrites_lengths_and_rows_to_the_physical_layout():
+    rows = (
+        _row("snap", "snapkv", 48, 150, 160, 1),  # compacted: kept 3 blocks, tail from block 9
+        _row("ada", "ada-snapkv", 48, 150, 160, 1),  # compacted in lanes: the core attends, vLLM reads 1 token
+        _row("ts", "tokenselect", 8, 150, 300, 1, n_init=4, n_local=16),  # selects: likewise
+        _row("fill", "snapkv", 48, 150, 128, 22),  # reaches its point in this step
+        _row("full", "none", None, 150, 160, 1),
+    )
+    snap = rows[0].plan.compaction
+    assert (snap.kept_blocks, snap.tail_start_block) == (3, 9)
+    state = WorkerState()
+    state.lanes.put("ada", 0, LaneMap.build([40, 56], BS), 1, torch.device("cpu"))
+    table = torch.arange(5 * 20).view(5, 20)
+    seq_lens = torch.tensor([161, 161, 301, 150, 161])
+    query_start = [0, 1, 2, 3, 25, 26]
+    plan, lens, new_table = plan_step(StepContext(rows, 1), query_start, seq_lens, table, state)
+    assert lens.tolist() == [3 * BS + 161 - 9 * BS, 1, 1, 150, 161]
+    assert new_table[0, :5].tolist() == [0, 1, 2, 9, 10] and torch.equal(new_table[3:], table[3:])
+    assert list(plan.logical_rows) == [3] and torch.equal(plan.logical_rows[3], table[3])
+    assert torch.equal(plan.logical_tables, table)
+    lanes = plan.lanes
+    assert lanes.rows == (1,) and lanes.token_index.tolist() == [1] and lanes.query_pos.tolist() == [161 - 9 * BS - 1]
+    assert lanes.num_compacted.tolist() == [3] and lanes.lane_maps[0, 0].tolist() == [[0, 3], [40, 56]]
+    assert seq_lens.tolist() == [161, 161, 301, 150, 161]  # the caller's tensors are not touched
+
+
+def _cache_with_prompt(num_tokens: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    blocks = math.ceil(num_tokens / BS) + 4
+    cache = torch.zeros(blocks + 3, HKV, BS, 2 * DIM)
+    row = torch.randperm(blocks + 3, generator=gen)[:blocks]
+    keys, values = cpu_views(cache)
+    # head 0 attends diffusely (tiny keys), head 1 to a few aligned tokens: Ada-KV gives them different lanes
+    k = torch.randn(HKV, num_tokens, DIM, generator=gen) * 0.01
+    k[1, torch.randperm(num_tokens - 40, generator=gen)[:3]] = 4.0
+    v = torch.randn(HKV, num_tokens, DIM, generator=gen)
+    pos = torch.arange(num_tokens)
+    keys[row[pos // BS], :, pos % BS] = k.transpose(0, 1)
+    values[row[pos // BS], :, pos % BS] = v.transpose(0, 1)
+    return cache, row, k, v, gen
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "ada-snapkv"])
+def test_a_layer_captures_compacts_and_attends_like_the_policy_says(policy):
+    prompt = 400
+    cache, row, k, v, gen = _cache_with_prompt(prompt, seed=len(policy))
+    query = torch.randn(prompt, HKV * GROUP, DIM, generator=gen) * 0.1 + 1.0
+    state = WorkerState()
+    layer = LayerEviction(0, TORCH_CPU, DIM**-0.5, state)
+    prefill = _row("r", policy, 96, prompt, 0, prompt)
+    comp = prefill.plan.compaction
+    table = row[None].clone()
+    plan, _, _ = plan_step(StepContext((prefill,), 1), [0, prompt], torch.tensor([prompt]), table, state)
+    layer.before_attention(plan, query)
+    layer.after_attention(plan, query, cache, torch.zeros(prompt, HKV * GROUP * DIM))
+
+    # what the policy keeps, from the same dense view and window queries
+    pol = prefill.plan.policy
+    view = LayerView(k, v, query[-32:].transpose(0, 1))
+    region = comp.compactable_tokens
+    keys, values = cpu_views(cache)
+    if policy == "snapkv":
+        kept = torch.stack(pol.plan_rect(view, region, comp.kept_tokens).indices)
+        got_k, got_v = gather_dense(keys, values, row, comp.kept_tokens)
+        assert torch.equal(got_k, k.gather(1, kept[..., None].expand(-1, -1, DIM)))
+        assert torch.equal(got_v, v.gather(1, kept[..., None].expand(-1, -1, DIM)))
+        return
+    plan_lanes = pol.plan_lanes(view, region, comp.kept_blocks * HKV, BS)
+    lanes = LaneMap.build(plan_lanes.lengths, BS)
+    maps = state.lanes.get("r")
+    assert maps[0].tolist() == [list(lanes.starts), list(lanes.lengths)] and len(set(lanes.lengths)) > 1
+
+    # a decode step: the core's lane attention equals the naive per-head reference over kept + tail
+    decode = _row("r", policy, 96, prompt, prompt, 1)
+    pos = torch.tensor([prompt])
+    q = torch.randn(1, HKV * GROUP, DIM, generator=gen)
+    keys[row[pos // BS], :, pos % BS] = torch.randn(1, HKV, DIM, generator=gen)
+    values[row[pos // BS], :, pos % BS] = torch.randn(1, HKV, DIM, generator=gen)
+    plan, lens, physical = plan_step(StepContext((decode,), 1), [0, 1], torch.tensor([prompt + 1]), table, state)
+    assert lens.tolist() == [1]
+    out = torch.zeros(1, HKV * GROUP * DIM)
+    layer.before_attention(plan, q)
+    layer.after_attention(plan, q, cache, out)
+    tail = prompt + 1 - comp.compactable_tokens
+    want = lane_attention_row(q, keys, values, physical[0], lanes, comp.kept_blocks, tail, DIM**-0.5)
+    torch.testing.assert_close(out.view_as(want), want, rtol=1e-5, atol=1e-5)

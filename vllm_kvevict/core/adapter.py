@@ -1,0 +1,57 @@
+"""Cache-layout adapters: the few operations of the eviction core that touch a backend's KV memory.
+
+The core never indexes a KV cache itself. It asks its adapter for neutral key / value views
+([num_blocks, H_kv, bs, D], `paged.cache_layout`) and hands them to the adapter's operations:
+
+    gather_dense      a row's first T positions as dense K, V [H_kv, T, D] (scoring a prompt)
+    move_tokens       staged moves of kept tokens inside a row's blocks (compaction, lane packing)
+    lane_attention    attention over ragged head-lanes + the standard tail, whole batch at once
+    paged_scores      q . k over a candidate range (selection), then vote_topk: head soft vote + top-k
+    sparse_attention  attention over a selected position list + the step's own tokens
+
+`TORCH_CPU` runs the torch twins on CPU_ATTN's layout (the CPU path); `TRITON_FLASH` runs the Triton
+kernels on TRITON_ATTN's flash layout (the CUDA path, or the CPU under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from vllm_kvevict.paged import cache_layout, compact, lanes, selection
+from vllm_kvevict.policies import soft_vote
+
+
+@dataclass(frozen=True)
+class CacheAdapter:
+    name: str
+    views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    gather_dense: Callable
+    move_tokens: Callable
+    lane_attention: Callable
+    paged_scores: Callable
+    vote_topk: Callable
+    sparse_attention: Callable
+
+
+TORCH_CPU = CacheAdapter(
+    "torch twins on CPU_ATTN", cache_layout.cpu_views, compact.gather_dense, compact.move_tokens,
+    lanes.lane_attention, selection.paged_scores, soft_vote.vote_topk, selection.sparse_attention,
+)
+
+
+def _kernels(name: str) -> ModuleType:
+    return importlib.import_module(f"vllm_kvevict.paged.{name}")  # imports Triton: only when asked for
+
+
+def triton_flash() -> CacheAdapter:
+    """The Triton kernels on TRITON_ATTN's flash layout."""
+    move, lane, select = _kernels("move_triton"), _kernels("lane_attention_triton"), _kernels("selection_triton")
+    return CacheAdapter(
+        "Triton kernels on TRITON_ATTN", cache_layout.flash_views, compact.gather_dense, move.move_tokens,
+        lane.lane_attention, select.paged_scores, select.vote_topk, select.sparse_attention,
+    )

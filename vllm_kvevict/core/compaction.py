@@ -1,0 +1,97 @@
+"""Compaction of one request's layer, at compaction point P_k, over the layout of epoch k - 1.
+
+    epoch k-1 physical row:  [ compacted region (n blocks) | tail blocks since C_(k-1) ... ]   (k = 0: the
+                             logical prompt row)
+    region                   the first `region` physical positions: everything up to the new tail C_k
+    the policy chooses       n*bs tokens per KV head among the region (or ragged counts, in lanes)
+    moved                    to the region's leading blocks, in place, through the adapter
+
+How the policy chooses comes from its declaration: Need.PRE_ROPE_QKV policies by the scores remembered
+with the kept tokens and those computed since (`retain`); the others from a dense view of the region
+and the captured window queries (`plan_rect`, or `plan_lanes` for KeptLayout.HEAD_LANES).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_kvevict.core.step import RowInfo
+from vllm_kvevict.paged.compact import rect_addresses
+from vllm_kvevict.paged.lanes import LaneMap, pack_addresses
+from vllm_kvevict.paged.layout import layer_lanes
+from vllm_kvevict.policies.declaration import KeptLayout, Need
+from vllm_kvevict.policies.plan import LayerView
+
+if TYPE_CHECKING:
+    from vllm_kvevict.core.eviction import LayerEviction
+
+
+def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys: torch.Tensor,
+                  values: torch.Tensor, num_layers: int) -> None:
+    """Compact `row` in `layer` at its next point; `table` is its logical block row."""
+    start = time.perf_counter()
+    comp = row.plan.compaction
+    target = row.target
+    k = comp.epoch(target)
+    prev = k - 1
+    physical_row = torch.tensor(comp.physical_row(table.tolist(), prev), dtype=table.dtype, device=table.device)
+    region = comp.physical_len(comp.tail_block(k) * comp.block_size, prev)
+    decl = row.plan.declaration
+    if Need.PRE_ROPE_QKV in decl.needs:
+        kept = _retained(layer, row, k, region)
+        layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size))
+    else:
+        view = _dense_view(layer, row, physical_row, keys, values, comp.physical_len(target, prev), prev, num_layers)
+        policy = row.plan.policy
+        if k == 0 and decl.layout is KeptLayout.HEAD_LANES:
+            prompt = comp.prompt_len
+            total = layer_lanes(comp, keys.shape[1], policy.tokens_per_head(prompt, layer.layer, num_layers),
+                                policy.max_tokens_per_head(prompt, num_layers))
+            plan = policy.plan_lanes(view, region, total, comp.block_size)
+            lanes = LaneMap.build(plan.lengths, comp.block_size)
+            if lanes.num_blocks > comp.kept_blocks:
+                raise RuntimeError(f"{row.plan.config.policy}: lanes need {lanes.num_blocks} blocks, "
+                                   f"the plan keeps {comp.kept_blocks}")
+            layer.adapter.move_tokens(keys, values, *pack_addresses(physical_row, plan.indices, lanes))
+            layer.state.lanes.put(row.req_id, layer.layer, lanes, num_layers, table.device)
+        else:
+            plan = policy.plan_rect(view, region=region, keep=comp.kept_tokens)
+            kept = torch.stack(plan.indices)
+            layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size))
+    layer.state.report.record_compaction(row.plan.config.policy, row.req_id, time.perf_counter() - start)
+
+
+def _dense_view(layer: LayerEviction, row: RowInfo, physical_row: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor, num_tokens: int, prev: int, num_layers: int) -> LayerView:
+    comp = row.plan.compaction
+    dense_k, dense_v = layer.adapter.gather_dense(keys, values, physical_row, num_tokens)
+    chunks = layer.state.queries.pop(row.req_id, layer.layer)
+    queries = query_start = None
+    if chunks:
+        query_start = comp.physical_len(chunks[0][0], prev)
+        queries = torch.cat([c for _, c in chunks], dim=0).transpose(0, 1)  # [H_q, W, D]
+    return LayerView(dense_k, dense_v, queries, query_start=query_start, layer=layer.layer, num_layers=num_layers)
+
+
+def _retained(layer: LayerEviction, row: RowInfo, k: int, region: int) -> torch.Tensor:
+    """Need.PRE_ROPE_QKV: choose among [kept region | tokens since compaction k-1] by their scores."""
+    comp = row.plan.compaction
+    kept, pending = layer.state.scores.take(row.req_id, layer.layer)
+    start = 0 if k == 0 else comp.tail_block(k - 1) * comp.block_size  # logical start of the new tokens
+    parts = [] if k == 0 else [kept]
+    expect = start
+    for first, scores in pending:
+        if first != expect:
+            raise RuntimeError(f"{row.req_id} layer {layer.layer}: scores resume at {first}, expected {expect}")
+        parts.append(scores)
+        expect += scores.shape[1]
+    scores = torch.cat(parts, dim=1) if parts and all(p is not None for p in parts) else None
+    if scores is None or scores.shape[1] != region:
+        got = None if scores is None else scores.shape[1]
+        raise RuntimeError(f"{row.req_id} layer {layer.layer}: compaction {k} has scores for {got} of {region} tokens")
+    indices = row.plan.policy.retain(scores, comp.kept_tokens)
+    layer.state.scores.keep(row.req_id, layer.layer, scores.gather(1, indices))
+    return indices

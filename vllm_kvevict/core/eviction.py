@@ -1,0 +1,207 @@
+"""The backend-neutral eviction core: one step's plan, and what each attention layer does with it.
+
+A backend's metadata builder calls `plan_step` once per step; it rewrites the batch's lengths and
+block rows to the physical layout and returns the `StepPlan` every layer reads. A backend's attention
+impl owns one `LayerEviction` and calls it around its own kernel:
+
+    before_attention   keep the queries a policy scores with (Need.WINDOW_QUERIES), score this step's
+                       tokens from their pre-RoPE q/k/v (Need.PRE_ROPE_QKV)
+    backend kernel     attention over [compacted region | tail] for every row (the builder's rewrite);
+                       rows whose output the core computes itself read only their own tokens
+    after_attention    head-lane rows: attention over each head's lanes + tail (KeptLayout.HEAD_LANES);
+                       selecting rows: attention over the selected positions (Trigger.PER_QUERY);
+                       rows reaching a compaction point: compact this layer (`compaction.py`)
+
+Every memory access goes through the layer's `CacheAdapter` (torch twins on CPU_ATTN, Triton kernels on
+TRITON_ATTN). The core reads policies' declarations only; it never asks a policy's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvevict.core.adapter import CacheAdapter
+from vllm_kvevict.core.compaction import compact_layer
+from vllm_kvevict.core.state import WorkerState
+from vllm_kvevict.core.step import RowInfo, StepContext
+from vllm_kvevict.policies.soft_vote import query_fingerprint
+
+
+@dataclass(frozen=True)
+class LaneBatch:
+    """The rows that read head-lanes this step, ready for one batched `lane_attention` per layer."""
+
+    rows: tuple[int, ...]  # batch row indices
+    lane_maps: torch.Tensor  # [B', num_layers, 2, H_kv] int32: (start lane, length) per head and layer
+    tables: torch.Tensor  # [B', M] physical block rows: compacted blocks, then the tail's
+    num_compacted: torch.Tensor  # [B'] blocks of each row's compacted region
+    token_index: torch.Tensor  # [Nq] where each query token sits in the batch
+    query_req: torch.Tensor  # [Nq] its row in `tables`
+    query_pos: torch.Tensor  # [Nq] its position in the tail
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Attached to a step's attention metadata; read by every layer of the step."""
+
+    step: StepContext
+    query_start: list[int]  # batch row i's tokens are [query_start[i], query_start[i + 1])
+    logical_rows: dict[int, torch.Tensor]  # rows reaching a compaction point -> their logical block row
+    logical_tables: torch.Tensor | None  # the logical block table (selecting rows read it)
+    lanes: LaneBatch | None
+
+
+def plan_step(step: StepContext, query_start: list[int], seq_lens: torch.Tensor, block_table: torch.Tensor,
+              state: WorkerState) -> tuple[StepPlan, torch.Tensor, torch.Tensor]:
+    """The step's plan, and the physical (seq_lens, block_table) the backend's kernel must read.
+
+    Compacted rows read n*bs + (L - C_e) positions from row[:n] + row[C_e/bs:] (paged/layout.py).
+    Rows whose whole output the core computes (`RowInfo.attention_replaced`) are cut to their own
+    tokens: the backend's kernel still runs over them, cheaply, and its output is overwritten.
+    """
+    rows = step.rows
+    logical_rows = {i: block_table[i].clone() for i, row in enumerate(rows) if row.reaches_point}
+    logical_tables = block_table.clone() if any(row.selects for row in rows) else None
+    new_lens, new_table = seq_lens, block_table
+    if any(row.compacted or row.attention_replaced for row in rows):
+        new_lens, new_table = seq_lens.clone(), block_table.clone()
+        for i, row in enumerate(rows):
+            if row.compacted:
+                comp = row.plan.compaction
+                physical = comp.physical_row(block_table[i].tolist(), row.epoch)
+                new_table[i, : len(physical)] = torch.tensor(physical, dtype=block_table.dtype)
+                new_lens[i] = comp.physical_len(row.end, row.epoch)
+            if row.attention_replaced:
+                new_lens[i] = row.num_scheduled
+    lanes = _lane_batch(rows, query_start, new_table, state)
+    return StepPlan(step, query_start, logical_rows, logical_tables, lanes), new_lens, new_table
+
+
+def _lane_batch(rows: tuple[RowInfo, ...], query_start: list[int], tables: torch.Tensor,
+                state: WorkerState) -> LaneBatch | None:
+    picked = [i for i, row in enumerate(rows) if row.reads_lanes]
+    if not picked:
+        return None
+    device = tables.device
+    token_index, query_req, query_pos = [], [], []
+    for b, i in enumerate(picked):
+        row = rows[i]
+        tail_end = row.end - row.plan.compaction.tail_block(row.epoch) * row.plan.compaction.block_size
+        token_index.append(torch.arange(query_start[i], query_start[i + 1]))
+        query_req.append(torch.full((row.num_scheduled,), b))
+        query_pos.append(torch.arange(tail_end - row.num_scheduled, tail_end))
+    return LaneBatch(
+        rows=tuple(picked),
+        lane_maps=state.lanes.stacked([rows[i].req_id for i in picked]).to(device),
+        tables=tables[picked],
+        num_compacted=torch.tensor([rows[i].plan.compaction.kept_blocks for i in picked], device=device),
+        token_index=torch.cat(token_index).to(device),
+        query_req=torch.cat(query_req).to(device),
+        query_pos=torch.cat(query_pos).to(device),
+    )
+
+
+class LayerEviction:
+    """What one attention layer does for the eviction core (one instance per layer, per worker)."""
+
+    def __init__(self, layer: int, adapter: CacheAdapter, scale: float, state: WorkerState):
+        self.layer = layer
+        self.adapter = adapter
+        self.scale = scale
+        self.state = state
+
+    # ---- before the backend's kernel ------------------------------------------------------------------
+    def before_attention(self, plan: StepPlan, query: torch.Tensor) -> None:
+        self._capture_queries(plan, query)
+        self._score_tokens(plan)
+
+    def _capture_queries(self, plan: StepPlan, query: torch.Tensor) -> None:
+        for i, row in enumerate(plan.step.rows):
+            if row.target is None:
+                continue
+            if row.num_computed == 0:
+                self.state.restart(row.req_id, self.layer)  # a fresh (or recomputed) prefill
+            if not row.captures_window:
+                continue
+            first, last = row.window()
+            if first < last:
+                base = plan.query_start[i] - row.num_computed
+                self.state.queries.add(row.req_id, self.layer, first, query[base + first : base + last].detach().clone())
+
+    def _score_tokens(self, plan: StepPlan) -> None:
+        """Need.PRE_ROPE_QKV: score this step's tokens that a later compaction chooses among, from their
+        pre-RoPE q/k/v (captured by the worker's hook on this layer's qkv projection)."""
+        if not plan.step.needs_qkv:
+            return
+        qkv = self.state.qkv.pop(self.layer, None)
+        if qkv is None:
+            raise RuntimeError(
+                f"layer {self.layer}: no pre-RoPE q/k/v was captured for a request whose policy needs it; it "
+                "needs a decoder whose layers have a fused self_attn.qkv_proj and eager execution")
+        for i, row in enumerate(plan.step.rows):
+            if not row.scores_qkv:
+                continue
+            first, last = row.num_computed, min(row.end, row.plan.compaction.last_point)
+            if first < last:
+                base = plan.query_start[i] - row.num_computed
+                scores = row.plan.policy.token_scores(self.layer, qkv[base + first : base + last])
+                self.state.scores.add(row.req_id, self.layer, first, scores)
+
+    # ---- after the backend's kernel -------------------------------------------------------------------
+    def after_attention(self, plan: StepPlan, query: torch.Tensor, kv_cache: torch.Tensor,
+                        output: torch.Tensor) -> None:
+        keys, values = self.adapter.views(kv_cache)
+        out = output.view(-1, query.shape[1], query.shape[2])
+        if plan.lanes is not None:
+            self._lane_attention(plan.lanes, query, keys, values, out)
+        if plan.logical_tables is not None:
+            self._selected_attention(plan, query, keys, values, out)
+        for i, table in plan.logical_rows.items():
+            compact_layer(self, plan.step.rows[i], table, keys, values, plan.step.num_layers)
+
+    def _lane_attention(self, lanes: LaneBatch, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        out: torch.Tensor) -> None:
+        """Rows compacted in the head-lane layout: attention over each head's own lanes + the tail, for all
+        of them in one call (the backend's kernel only read their own tokens)."""
+        maps = lanes.lane_maps[:, self.layer]
+        q = query[lanes.token_index]
+        out[lanes.token_index] = self.adapter.lane_attention(
+            q, keys, values, lanes.tables, maps[:, 0], maps[:, 1], lanes.num_compacted, lanes.query_req,
+            lanes.query_pos, self.scale).to(out.dtype)
+
+    def _selected_attention(self, plan: StepPlan, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            out: torch.Tensor) -> None:
+        """Selecting rows: each query piece attends to its selection plus the piece's own tokens, causally.
+
+        The step's tokens are cut into pieces at multiples of the policy's `prefill_chunk` (a decode step
+        is one piece); each piece selects with its mean query over the context cached before it."""
+        for i, row in enumerate(plan.step.rows):
+            if not row.selects:
+                continue
+            policy = row.plan.policy
+            table = plan.logical_tables[i]
+            base = plan.query_start[i] - row.num_computed  # position p's token is batch row base + p
+            for first, last in policy.pieces(row.num_computed, row.end):
+                if not policy.selects(first):
+                    continue
+                q = query[base + first : base + last]
+                selected = self._select(row, q, keys, table, first)
+                out[base + first : base + last] = self.adapter.sparse_attention(
+                    q, keys, values, table, selected, first, self.scale).to(out.dtype)
+
+    def _select(self, row: RowInfo, q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
+        policy = row.plan.policy
+        cache = self.state.selections
+        fingerprint = query_fingerprint(q.transpose(0, 1))
+        picked = cache.lookup((row.req_id, self.layer), fingerprint, policy.threshold)
+        hit = picked is not None
+        if not hit:
+            positions = torch.arange(policy.n_init, ctx - policy.n_local, device=q.device)
+            scores = self.adapter.paged_scores(q.float().mean(dim=0), keys, table, positions)
+            picked = positions[self.adapter.vote_topk(scores, policy.top_k(ctx), policy.pool_kernel)]
+            cache.store((row.req_id, self.layer), fingerprint, picked)
+        selected = policy.with_windows(picked[picked < ctx], ctx)
+        self.state.report.record_selection(row.plan.config.policy, row.req_id, hit, int(selected.numel()))
+        return selected
