@@ -11,6 +11,8 @@ import re
 
 import pytest
 
+from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Trigger
+
 from tests.e2e.engine import (
     BLOCK,
     SMALL_POOL,
@@ -29,8 +31,19 @@ from tests.e2e.engine import (
 pytestmark = pytest.mark.e2e
 
 BUDGET = 256
-UNIFORM = ["streamingllm", "snapkv", "vatp", "nacl"]
-POLICIES = UNIFORM + ["pyramidkv", "ada-snapkv"]
+
+def _declared(**match) -> list[str]:
+    """Registered policies whose declaration (built with their defaults) has these fields."""
+    from vllm_kvevict.policies.config import PolicyConfig
+    from vllm_kvevict.policies.registry import names
+
+    declarations = {n: PolicyConfig(n).build().declaration for n in names("evict")}
+    return [n for n, d in declarations.items() if all(getattr(d, k) == v for k, v in match.items())]
+
+
+# every policy that compacts once the prompt is in (per-chunk eviction has its own test file)
+POLICIES = _declared(trigger=Trigger.AFTER_PREFILL)
+UNIFORM = _declared(trigger=Trigger.AFTER_PREFILL, layer_budget=LayerBudget.UNIFORM)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +144,7 @@ def test_policy_frees_the_blocks_the_rule_says_and_answers_fluently(llm, tok, pr
     assert "Python" in text, text  # the question asks which language the reference text is about
 
 
-@pytest.mark.parametrize("policy", ["ada-snapkv", "ada-pyramidkv"])
+@pytest.mark.parametrize("policy", _declared(layout=KeptLayout.HEAD_LANES))
 def test_ada_policies_compact_into_ragged_head_lanes(llm, tok, prompt_a, policy):
     """Every layer's heads keep different numbers of tokens in their own lanes, within the n blocks
     the uniform rule reserves; attention reads them through the lane layout (the worker's LaneStore)."""
