@@ -29,6 +29,11 @@ def test_policies_json_lists_every_registered_policy(capsys):
     assert names == sorted(names, key=lambda n: (KIND_ORDER[kinds[n]], n if n != "none" else ""))
     ada = next(r for r in rows if r["name"] == "ada-snapkv")
     assert ada["defaults"]["budget"] == 1024 and ada["defaults"]["floor_alpha"] == 0.2
+    assert ada["declaration"] == {"trigger": "after_prefill", "needs": ["window_queries"], "layout": "head_lanes",
+                                  "layer_budget": "uniform", "prefill_chunk": 0, "decode_interval": 0}
+    declared = {r["name"]: r["declaration"] for r in rows}
+    assert declared["none"] is None and declared["locret"]["prefill_chunk"] == 512
+    assert declared["vatp"]["decode_interval"] == 128 and declared["tokenselect"]["trigger"] == "per_query"
 
 
 def test_policies_table(capsys):
