@@ -26,7 +26,7 @@ SERVE_ENV   := VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) VLLM_CPU_NUM_OF_RESERVED_CPU=0
 DEVICE_ARGS := --dtype float32 --enforce-eager
 endif
 
-.PHONY: setup serve test model lock clean-venv results
+.PHONY: setup serve test model lock clean-venv results gpu-check
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ results: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_ARGS) --out docs/results/eval
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_ARGS) --out docs/results/capacity
 	$(BIN)/python scripts/results_md.py
+
+# On a machine with a CUDA GPU: kernel tests on the device, the CUDA path in vLLM on the default model,
+# kernel benchmarks; one JSON in gpu-check/ (scripts/gpu_check.sh). Fails at once where no GPU is visible.
+gpu-check: setup
+	PY=$(BIN)/python scripts/gpu_check.sh
 
 # Rebuild the CPU lock from the current environment (after adding a dependency by hand).
 lock:

@@ -84,6 +84,22 @@ def test_kernel_reads_a_strided_cpu_layout_view():
     torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
 
 
+def test_splits_chosen_from_a_host_bound_give_the_same_output():
+    gen = torch.Generator().manual_seed(7)
+    heads, bs, dim = 2, 16, 16
+    keys = torch.randn(30, heads, bs, dim, generator=gen)
+    values = torch.randn(30, heads, bs, dim, generator=gen)
+    lanes, n, row = _request(heads, bs, [150, 90], 40, 30, gen)
+    query = torch.randn(1, heads * 2, dim, generator=gen)
+    meta = [row[None], torch.tensor([lanes.starts]), torch.tensor([lanes.lengths]), torch.tensor([n]),
+            torch.tensor([0]), torch.tensor([39])]
+    one = lane_attention(*(t.to(DEVICE) for t in (query, keys, values, *meta)), 0.25, block_n=16)
+    auto = lane_attention(*(t.to(DEVICE) for t in (query, keys, values, *meta)), 0.25, block_n=16, num_splits=None,
+                          longest=150 + 40, num_sms=2)  # a tiny device: several splits
+    assert kernel_module("lane_attention_triton").choose_splits(1, heads, 190, 16, 2) > 1
+    torch.testing.assert_close(auto.cpu(), one.cpu(), rtol=1e-5, atol=1e-5)
+
+
 def test_choose_splits_fills_the_gpu_without_tiny_splits():
     choose = kernel_module("lane_attention_triton").choose_splits
     assert choose(1, 8, 128 * 1024) == 33  # one decode query: 8 heads x 33 splits >= two waves of 132 SMs

@@ -51,7 +51,12 @@ def _kernels(name: str) -> ModuleType:
 def triton_flash() -> CacheAdapter:
     """The Triton kernels on TRITON_ATTN's flash layout."""
     move, lane, select = _kernels("move_triton"), _kernels("lane_attention_triton"), _kernels("selection_triton")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+
+    def lane_attention(*args, longest: int | None = None, **kwargs):  # split long decodes over the SMs
+        return lane.lane_attention(*args, num_splits=None, longest=longest, num_sms=num_sms, **kwargs)
+
     return CacheAdapter(
         "Triton kernels on TRITON_ATTN", cache_layout.flash_views, compact.gather_dense, move.move_tokens,
-        lane.lane_attention, select.paged_scores, select.vote_topk, select.sparse_attention,
+        lane_attention, select.paged_scores, select.vote_topk, select.sparse_attention,
     )

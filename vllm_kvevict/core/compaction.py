@@ -21,7 +21,7 @@ import torch
 from vllm_kvevict.core.step import RowInfo
 from vllm_kvevict.paged.compact import rect_addresses
 from vllm_kvevict.paged.lanes import LaneMap, pack_addresses
-from vllm_kvevict.paged.layout import layer_lanes
+from vllm_kvevict.paged.layout import layer_lanes, physical_rows
 from vllm_kvevict.policies.declaration import KeptLayout, Need
 from vllm_kvevict.policies.plan import LayerView
 
@@ -37,12 +37,14 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
     target = row.target
     k = comp.epoch(target)
     prev = k - 1
-    physical_row = torch.tensor(comp.physical_row(table.tolist(), prev), dtype=table.dtype, device=table.device)
+    physical_row = table if prev < 0 else physical_rows(
+        table[None], torch.tensor([comp.kept_blocks]), torch.tensor([comp.tail_block(prev)]))[0]
     region = comp.physical_len(comp.tail_block(k) * comp.block_size, prev)
     decl = row.plan.declaration
     if Need.PRE_ROPE_QKV in decl.needs:
         kept = _retained(layer, row, k, region)
         layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size))
+        _log(layer, row, list(kept), k)
     else:
         view = _dense_view(layer, row, physical_row, keys, values, comp.physical_len(target, prev), prev, num_layers)
         policy = row.plan.policy
@@ -57,11 +59,20 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
                                    f"the plan keeps {comp.kept_blocks}")
             layer.adapter.move_tokens(keys, values, *pack_addresses(physical_row, plan.indices, lanes))
             layer.state.lanes.put(row.req_id, layer.layer, lanes, num_layers, table.device)
+            _log(layer, row, plan.indices, k)
         else:
             plan = policy.plan_rect(view, region=region, keep=comp.kept_tokens)
             kept = torch.stack(plan.indices)
             layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size))
+            _log(layer, row, plan.indices, k)
     layer.state.report.record_compaction(row.plan.config.policy, row.req_id, time.perf_counter() - start)
+
+
+def _log(layer: LayerEviction, row: RowInfo, physical: list[torch.Tensor], k: int) -> None:
+    if layer.state.kept is not None:
+        comp = row.plan.compaction
+        new_start = 0 if k == 0 else comp.tail_block(k - 1) * comp.block_size
+        layer.state.kept.record(row.req_id, layer.layer, physical, comp.kept_tokens, new_start, first=k == 0)
 
 
 def _dense_view(layer: LayerEviction, row: RowInfo, physical_row: torch.Tensor, keys: torch.Tensor,

@@ -26,6 +26,7 @@ from vllm_kvevict.core.adapter import CacheAdapter
 from vllm_kvevict.core.compaction import compact_layer
 from vllm_kvevict.core.state import WorkerState
 from vllm_kvevict.core.step import RowInfo, StepContext
+from vllm_kvevict.paged.layout import physical_rows
 from vllm_kvevict.policies.soft_vote import query_fingerprint
 
 
@@ -40,6 +41,7 @@ class LaneBatch:
     token_index: torch.Tensor  # [Nq] where each query token sits in the batch
     query_req: torch.Tensor  # [Nq] its row in `tables`
     query_pos: torch.Tensor  # [Nq] its position in the tail
+    longest: int  # an upper bound of the tokens one query reads (lanes + tail), known on the host
 
 
 @dataclass(frozen=True)
@@ -54,29 +56,45 @@ class StepPlan:
 
 
 def plan_step(step: StepContext, query_start: list[int], seq_lens: torch.Tensor, block_table: torch.Tensor,
-              state: WorkerState) -> tuple[StepPlan, torch.Tensor, torch.Tensor]:
+              state: WorkerState, out: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[StepPlan, torch.Tensor, torch.Tensor]:
     """The step's plan, and the physical (seq_lens, block_table) the backend's kernel must read.
 
     Compacted rows read n*bs + (L - C_e) positions from row[:n] + row[C_e/bs:] (paged/layout.py).
     Rows whose whole output the core computes (`RowInfo.attention_replaced`) are cut to their own
     tokens: the backend's kernel still runs over them, cheaply, and its output is overwritten.
+    Everything stays on the tables' device (no host round trip); with `out`, the rewrite is written
+    into those persistent buffers (at least as large as the batch), else into fresh tensors.
     """
     rows = step.rows
     logical_rows = {i: block_table[i].clone() for i, row in enumerate(rows) if row.reaches_point}
     logical_tables = block_table.clone() if any(row.selects for row in rows) else None
     new_lens, new_table = seq_lens, block_table
-    if any(row.compacted or row.attention_replaced for row in rows):
-        new_lens, new_table = seq_lens.clone(), block_table.clone()
-        for i, row in enumerate(rows):
-            if row.compacted:
-                comp = row.plan.compaction
-                physical = comp.physical_row(block_table[i].tolist(), row.epoch)
-                new_table[i, : len(physical)] = torch.tensor(physical, dtype=block_table.dtype)
-                new_lens[i] = comp.physical_len(row.end, row.epoch)
-            if row.attention_replaced:
-                new_lens[i] = row.num_scheduled
+    changed = {i: _physical_len(row) for i, row in enumerate(rows) if row.compacted or row.attention_replaced}
+    if changed:
+        if out is None:
+            new_lens, new_table = seq_lens.clone(), block_table.clone()
+        else:
+            new_lens, new_table = out[0][: len(rows)], out[1][: len(rows)]
+            new_lens.copy_(seq_lens)
+            new_table.copy_(block_table)
+        index = torch.tensor(list(changed), device=seq_lens.device)
+        new_lens[index] = torch.tensor(list(changed.values()), dtype=seq_lens.dtype).to(seq_lens.device)
+        compacted = [i for i in changed if rows[i].compacted]
+        if compacted:
+            comps = [(rows[i].plan.compaction, rows[i].epoch) for i in compacted]
+            kept = torch.tensor([c.kept_blocks for c, _ in comps])
+            tail = torch.tensor([c.tail_block(e) for c, e in comps])
+            where = torch.tensor(compacted, device=block_table.device)
+            new_table[where] = physical_rows(block_table[where], kept, tail)
     lanes = _lane_batch(rows, query_start, new_table, state)
     return StepPlan(step, query_start, logical_rows, logical_tables, lanes), new_lens, new_table
+
+
+def _physical_len(row: RowInfo) -> int:
+    if row.attention_replaced:
+        return row.num_scheduled
+    return row.plan.compaction.physical_len(row.end, row.epoch)
 
 
 def _lane_batch(rows: tuple[RowInfo, ...], query_start: list[int], tables: torch.Tensor,
@@ -85,21 +103,26 @@ def _lane_batch(rows: tuple[RowInfo, ...], query_start: list[int], tables: torch
     if not picked:
         return None
     device = tables.device
-    token_index, query_req, query_pos = [], [], []
+    lane_maps = state.lanes.stacked([rows[i].req_id for i in picked]).to(device)
+    heads = lane_maps.shape[-1]
+    token_index, query_req, query_pos, longest = [], [], [], 0
     for b, i in enumerate(picked):
         row = rows[i]
-        tail_end = row.end - row.plan.compaction.tail_block(row.epoch) * row.plan.compaction.block_size
+        comp = row.plan.compaction
+        tail_end = row.end - comp.tail_block(row.epoch) * comp.block_size
         token_index.append(torch.arange(query_start[i], query_start[i + 1]))
         query_req.append(torch.full((row.num_scheduled,), b))
         query_pos.append(torch.arange(tail_end - row.num_scheduled, tail_end))
+        longest = max(longest, min(comp.kept_tokens * heads, comp.compactable_tokens) + tail_end)
     return LaneBatch(
         rows=tuple(picked),
-        lane_maps=state.lanes.stacked([rows[i].req_id for i in picked]).to(device),
+        lane_maps=lane_maps,
         tables=tables[picked],
         num_compacted=torch.tensor([rows[i].plan.compaction.kept_blocks for i in picked], device=device),
         token_index=torch.cat(token_index).to(device),
         query_req=torch.cat(query_req).to(device),
         query_pos=torch.cat(query_pos).to(device),
+        longest=longest,
     )
 
 
@@ -169,7 +192,7 @@ class LayerEviction:
         q = query[lanes.token_index]
         out[lanes.token_index] = self.adapter.lane_attention(
             q, keys, values, lanes.tables, maps[:, 0], maps[:, 1], lanes.num_compacted, lanes.query_req,
-            lanes.query_pos, self.scale).to(out.dtype)
+            lanes.query_pos, self.scale, longest=lanes.longest).to(out.dtype)
 
     def _selected_attention(self, plan: StepPlan, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             out: torch.Tensor) -> None:

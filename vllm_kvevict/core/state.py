@@ -8,6 +8,7 @@ One `WorkerState` per worker thread (`worker_state()`), holding:
     lanes       request -> head-lane map of every layer [L, 2, H_kv] (start lane, length per head)
     selections  the selection cache of selecting policies, per (request, layer)
     report      what this worker ships to the scheduler each step (selection counts, compaction times)
+    kept        (off by default) the logical positions every compaction kept, per (request, layer, head)
     step, qkv   this step's StepContext, and the pre-RoPE q/k/v captured per layer for it
 
 A request's entries go when vLLM reports it finished or aborted (`purge`); queries and scores restart
@@ -104,6 +105,34 @@ class LaneStore:
         return len(self._items)
 
 
+class KeptLog:
+    """(request, layer) -> the logical positions each KV head keeps after its latest compaction (a list of
+    sorted int64 tensors, ragged for head-lanes). Off unless a caller sets `WorkerState.kept` (tests, the
+    oracle that rebuilds attention masks); compaction then records what it kept, on the host, and the
+    entries stay until the caller drops them (`purge`), finished requests' included."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def record(self, req_id: str, layer: int, physical: list[torch.Tensor], kept_tokens: int, new_start: int,
+               first: bool) -> None:
+        """`physical`: each head's kept positions in the layout compacted from; positions below
+        `kept_tokens` are the previous kept region (unless `first`), the rest start at logical `new_start`."""
+        physical = [p.detach().cpu().long() for p in physical]
+        if first:
+            self.items[(req_id, layer)] = physical
+            return
+        before = self.items[(req_id, layer)]
+        self.items[(req_id, layer)] = [
+            torch.where(p < kept_tokens, before[h][p.clamp(max=max(0, before[h].numel() - 1))], new_start + p - kept_tokens)
+            for h, p in enumerate(physical)]
+
+    def purge(self, req_ids) -> None:
+        gone = set(req_ids)
+        for key in [k for k in self.items if k[0] in gone]:
+            del self.items[key]
+
+
 class WorkerReport:
     """What the scheduler exports from this worker: selection hits, misses and selected tokens per request
     and step, and the time each request's compaction took (summed over layers). Drained once per step."""
@@ -146,6 +175,7 @@ class WorkerState:
     report: WorkerReport = field(default_factory=WorkerReport)
     step: StepContext | None = None
     qkv: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> this step's pre-RoPE q/k/v rows
+    kept: KeptLog | None = None  # set it to record what every compaction keeps
 
     def restart(self, req_id: str, layer: int) -> None:
         """A fresh (or recomputed) prefill of the request: forget what the layer captured before."""

@@ -116,14 +116,17 @@ def choose_splits(num_queries: int, num_kv_heads: int, max_tokens: int, block_n:
 def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_table: torch.Tensor,
                    lane_start: torch.Tensor, head_len: torch.Tensor, num_compacted: torch.Tensor,
                    query_req: torch.Tensor, query_pos: torch.Tensor, scale: float, block_n: int = 32,
-                   num_splits: int = 1) -> torch.Tensor:
+                   num_splits: int | None = 1, longest: int | None = None, num_sms: int = 132) -> torch.Tensor:
     """Batched lane attention.
 
     query [Nq, H_q, D]; keys, values [num_blocks, H_kv, bs, D] (any strides); block_table [B, max_blocks]
     (the compacted blocks first, then the tail's); lane_start, head_len [B, H_kv]; num_compacted [B];
     query_req [Nq] (its request) and query_pos [Nq] (its position in the tail). `num_splits` partitions
-    each query's tokens (`choose_splits` picks one for long decode contexts). Returns [Nq, H_q, D].
+    each query's tokens; None lets `choose_splits` pick from `longest` (an upper bound of the tokens a
+    query reads, known on the host: no device sync). Returns [Nq, H_q, D].
     """
+    if num_splits is None:
+        num_splits = choose_splits(query.shape[0], keys.shape[1], longest or 0, block_n, num_sms)
     num_q, num_qh, dim = query.shape
     num_kv = keys.shape[1]
     if num_qh % num_kv:

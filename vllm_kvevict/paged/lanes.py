@@ -159,7 +159,7 @@ def lane_attention_row(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_table: torch.Tensor,
                    lane_start: torch.Tensor, head_len: torch.Tensor, num_compacted: torch.Tensor,
                    query_req: torch.Tensor, query_pos: torch.Tensor, scale: float,
-                   max_queries: int = 64) -> torch.Tensor:
+                   max_queries: int = 64, longest: int | None = None) -> torch.Tensor:
     """Batched lane attention, vectorised over queries and heads (the torch twin of the Triton kernel
     `lane_attention_triton.lane_attention`, same arguments; the CPU path).
 
@@ -168,7 +168,8 @@ def lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     query_req [Nq] (its row in block_table) and query_pos [Nq] (its position in the tail). Query token i
     of KV head h reads index space j in [0, head_len + query_pos + 1): j < head_len is lane token j
     (`LaneMap.addresses`), else tail token j - head_len. Queries go `max_queries` at a time, so memory
-    stays bounded for a long prefill chunk. Returns [Nq, H_q, D] in the query's dtype (fp32 inside).
+    stays bounded for a long prefill chunk (`longest`, the kernel's split hint, is not needed here).
+    Returns [Nq, H_q, D] in the query's dtype (fp32 inside).
     """
     num_q, num_qh, dim = query.shape
     num_kv, block_size = keys.shape[1], keys.shape[2]

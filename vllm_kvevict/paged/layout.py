@@ -1,7 +1,8 @@
 """Block arithmetic of a compacted request, shared by the scheduler and the worker.
 
 Both sides must agree on how many blocks a request keeps without talking, so the rule is a pure
-function of (prompt length, policy, block size, layers). Pure python + the policy library.
+function of (prompt length, policy, block size, layers). Pure python (`physical_rows`: the same rule
+on a tensor of block rows).
 
 A request's logical blocks after compaction (block size bs, prompt length T, C = (T // bs) * bs):
 
@@ -44,6 +45,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -189,3 +192,17 @@ def layer_lanes(comp: Compaction, num_kv_heads: int, layer_tokens: int, max_toke
     tail = comp.prompt_len - comp.compactable_tokens
     want = math.ceil(num_kv_heads * max(0, layer_tokens - tail) / comp.block_size)
     return min(full, max(num_kv_heads, want))
+
+
+def physical_rows(table: torch.Tensor, kept_blocks: torch.Tensor, tail_blocks: torch.Tensor) -> torch.Tensor:
+    """`Compaction.physical_row` for many rows at once, on the table's device (no host round trip).
+
+    table [R, M] logical block rows; kept_blocks, tail_blocks [R] (n and C_e / bs of each row's epoch).
+    Column c of the result is row[c] for c < n, else row[c + C_e/bs - n]; columns past the end repeat
+    the last entry (nothing reads them).
+    """
+    cols = torch.arange(table.shape[1], device=table.device)
+    kept = kept_blocks.to(table.device)[:, None]
+    shift = (tail_blocks.to(table.device) - kept_blocks.to(table.device))[:, None]
+    src = torch.where(cols < kept, cols, (cols + shift).clamp(max=table.shape[1] - 1))
+    return table.gather(1, src)

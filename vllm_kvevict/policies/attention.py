@@ -30,8 +30,8 @@ def window_attention(
     k = expand_kv(keys.float(), num_q // keys.shape[0])
     logits = torch.einsum("hwd,htd->hwt", queries.float(), k) / math.sqrt(dim)
     if causal:
-        q_pos = torch.arange(start, start + window).unsqueeze(1)
-        k_pos = torch.arange(num_tokens).unsqueeze(0)
+        q_pos = torch.arange(start, start + window, device=logits.device).unsqueeze(1)
+        k_pos = torch.arange(num_tokens, device=logits.device).unsqueeze(0)
         logits = logits.masked_fill(k_pos > q_pos, float("-inf"))
     return torch.softmax(logits, dim=-1)
 

@@ -171,11 +171,13 @@ class EvictionPolicy(Policy):
         return protected[protected < region], candidates[candidates < region]
 
     def _candidate_scores(self, view: LayerView, candidates: torch.Tensor) -> torch.Tensor:
+        """The candidates' scores [H_kv, N], on the host: scoring runs where the view is (the GPU on CUDA),
+        allocation and selection (a few thousand numbers per head) on the CPU."""
         scores = self.score(view)
         expected = (view.num_kv_heads, view.num_tokens)
         if scores.shape != expected:
             raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {expected}")
-        return scores[:, candidates].float()
+        return scores[:, candidates.to(scores.device)].float().cpu()
 
     def allocate(self, cand_scores: torch.Tensor, total: int) -> list[int]:
         num_heads, num_cand = cand_scores.shape

@@ -169,16 +169,21 @@ class Locret(EvictionPolicy):
         qkv = view.extra.get("qkv")
         if qkv is None:
             raise ValueError("locret needs the prompt's pre-RoPE q/k/v (view.extra['qkv'], [T, (H_q+2H_kv)*d])")
-        with torch.no_grad():
-            return self.heads(view.layer, qkv.float())
+        return self._predict(view.layer, qkv)
 
     def token_scores(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Predicted CIS [H_kv, T] of tokens whose pre-RoPE q/k/v rows are `qkv` [T, (H_q+2H_kv)*d]."""
+        """Predicted CIS [H_kv, T] of tokens whose pre-RoPE q/k/v rows are `qkv` [T, (H_q+2H_kv)*d]; the
+        heads run where the rows are, the scores come back to the host (they are kept until compaction)."""
         expected = self.heads.shape.in_features
         if qkv.dim() != 2 or qkv.shape[1] != expected:
             raise ValueError(f"locret: q/k/v rows of shape {tuple(qkv.shape)}, the heads take [T, {expected}]")
+        return pool_scores(self._predict(layer, qkv), self.kernel_size, "max").cpu()
+
+    def _predict(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        if next(self.heads.parameters()).device != qkv.device:
+            self.heads.to(qkv.device)  # the heads follow the model (once)
         with torch.no_grad():
-            return pool_scores(self.heads(layer, qkv.float()), self.kernel_size, "max")
+            return self.heads(layer, qkv.float())
 
     def retain(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """Indices [H_kv, min(keep, N)] (sorted) into a region whose predicted CIS are `scores` [H_kv, N]:

@@ -9,6 +9,7 @@ engine. We wrap it (once, at class level) to validate the `kv_*` keys of `extra_
 from __future__ import annotations
 
 from vllm_kvevict.core.requests import server_config
+from vllm_kvevict.integration.vllm.engine_config import kv_requested
 from vllm_kvevict.integration.vllm.settings import bad_field, validate_request
 
 _MARK = "_kvevict_wrapped"
@@ -16,6 +17,7 @@ _MARK = "_kvevict_wrapped"
 
 def install() -> None:
     from vllm.exceptions import VLLMValidationError
+    from vllm.platforms import current_platform
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -29,10 +31,11 @@ def install() -> None:
             server = getattr(self, "_kvevict_server_config", None)
             if server is None:  # parsed once per InputProcessor, not per request
                 server = self._kvevict_server_config = server_config(self.vllm_config.additional_config)
+                self._kvevict_enabled = current_platform.is_cpu() or kv_requested(self.vllm_config.additional_config)
             try:
                 validate_request(
                     server, params.extra_args, prefix_caching=bool(self.cache_config.enable_prefix_caching),
-                    eager=bool(self.vllm_config.model_config.enforce_eager),
+                    eager=bool(self.vllm_config.model_config.enforce_eager), enabled=self._kvevict_enabled,
                 )
             except ValueError as exc:
                 field = bad_field(str(exc))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
 
@@ -30,13 +32,25 @@ class EvictionBuilderMixin:
         if step is None or not step.active or len(step.rows) != cm.num_reqs:
             return super().build(common_prefix_len, cm, fast_build)
         plan, seq_lens, block_table = plan_step(step, cm.query_start_loc_cpu.tolist(), cm.seq_lens,
-                                                cm.block_table_tensor, state)
+                                                cm.block_table_tensor, state, self._physical_buffers(cm))
         if seq_lens is not cm.seq_lens:
             cm = dataclasses.replace(cm, seq_lens=seq_lens, block_table_tensor=block_table,
                                      max_seq_len=int(seq_lens.max()))
         metadata = super().build(common_prefix_len, cm, fast_build)
         metadata.kvevict = plan
         return metadata
+
+    def _physical_buffers(self, cm) -> tuple:
+        """Persistent (seq_lens, block_table) the physical rewrite is written into (rows sliced per step;
+        as wide as the runner's block table, so a row slice stays contiguous)."""
+        buffers = getattr(self, "_kvevict_buffers", None)
+        rows, cols = cm.block_table_tensor.shape
+        if buffers is None or buffers[1].shape[0] < rows or buffers[1].shape[1] != cols:
+            rows = max(rows, self.vllm_config.scheduler_config.max_num_seqs)
+            buffers = (torch.empty(rows, dtype=cm.seq_lens.dtype, device=cm.seq_lens.device),
+                       torch.empty(rows, cols, dtype=cm.block_table_tensor.dtype, device=cm.block_table_tensor.device))
+            self._kvevict_buffers = buffers
+        return buffers
 
 
 class EvictionImplMixin:

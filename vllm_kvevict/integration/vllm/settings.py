@@ -28,15 +28,19 @@ def check_servable(config: PolicyConfig, *, eager: bool = True) -> None:
 
 
 def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None, *, prefix_caching: bool,
-                     eager: bool = True) -> PolicyConfig:
+                     eager: bool = True, enabled: bool = True) -> PolicyConfig:
     """The request's config, or ValueError naming the bad `vllm_xargs` field (the API answers 400).
 
     With prefix caching on (only possible when the server-wide policy is `none`), a request may not
-    switch eviction on: compaction rewrites blocks in place that the prefix cache may share.
+    switch eviction on: compaction rewrites blocks in place that the prefix cache may share. A server
+    started without any KV setting on CUDA (`enabled` False) runs vLLM as shipped and takes none.
     """
     overrides = request_overrides(extra_args)
     if not overrides:
         return server
+    if not enabled:
+        raise ValueError(f"vllm_xargs: {', '.join(sorted(overrides))} need a server started with a KV setting "
+                         "(e.g. --kv-policy none, which allows per-request policies)")
     try:
         config = request_config(server, extra_args)
         check_servable(config, eager=eager)

@@ -14,6 +14,7 @@ import copy
 
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
 from vllm_kvevict.core.requests import PlanBook, server_config
 from vllm_kvevict.core.state import worker_state
@@ -107,6 +108,10 @@ class EvictionWorkerMixin:
 
 class KVEvictCPUWorker(EvictionWorkerMixin, CPUWorker):
     """vLLM's CPU worker with the eviction core."""
+
+
+class KVEvictGPUWorker(EvictionWorkerMixin, GPUWorker):
+    """vLLM's GPU worker (V1 model runner) with the eviction core."""
 
 
 def _with_worker_report(output):

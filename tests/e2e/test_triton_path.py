@@ -1,0 +1,180 @@
+"""The CUDA code path, run here: our backend on vLLM's TRITON_ATTN with our Triton kernels, under Triton's
+interpreter inside CPU vLLM (VLLM_KVEVICT_BACKEND=triton), against the CPU path on the same requests.
+
+A tiny random-weight Llama (tests/e2e/tiny_model.py) keeps the interpreter affordable; every policy in
+the registry runs in one batch per path, each engine in its own process (`paths_main.py`). The default
+model's own check through this path is `test_default_model_through_the_triton_path`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.engine import model_path
+from tests.e2e.tiny_model import make_tiny_llama
+from vllm_kvevict.policies.registry import get_spec, names
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 32  # CPU_ATTN needs multiples of 32, TRITON_ATTN of 16: both paths share 32
+BUDGET = 64
+MAX_TOKENS = 4
+ABORTED = "aborted"  # an extra snapkv request, aborted after step 2
+
+
+def run_path(path: str, spec: dict) -> dict:
+    """`paths_main.py` in a fresh process (the Triton shims, when on a CPU, must precede vLLM's import)."""
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    env.pop("VLLM_PLUGINS", None)
+    if path == "stock-triton":
+        env["VLLM_PLUGINS"] = ""  # vLLM as shipped (its TritonAttentionBackend is put in the CPU_ATTN slot)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("paths_main.py"))],
+                          input=json.dumps({**spec, "path": path}), capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tiny_locret_heads(directory: Path) -> Path:
+    """Random (seeded) retaining heads shaped for the tiny model: the path, not the quality, is tested."""
+    import torch
+
+    from vllm_kvevict.policies.locret import HeadShape, RetainingHeads
+
+    path = directory / "locret_tiny.pt"
+    torch.manual_seed(0)
+    RetainingHeads(HeadShape(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, hidden=16)).save(path)
+    return path
+
+
+def overrides(policy: str, heads: Path) -> dict:
+    """The request's vllm_xargs: every policy at a small budget, with fields sized for a 2-layer model."""
+    extra = {"kv_policy": policy}
+    if policy == "none":
+        return extra
+    extra["kv_budget"] = BUDGET
+    fields = {p.name for p in get_spec(policy).params}
+    if "floor_alpha" in fields and "pyramid_beta" not in fields:  # head-lanes: room for heads to differ
+        extra["kv_budget"] = 112
+    if "weights" in fields:  # trained heads: random ones of the tiny model's shape
+        extra.update(kv_weights=str(heads), kv_chunk_size=64, kv_stabilizers=16)
+    if "n_init" in fields:  # selecting: small fixed windows, and prefill pieces that select too
+        extra.update(kv_budget=32, kv_n_init=16, kv_n_local=32, kv_prefill_chunk=64, kv_similarity_threshold=-1.0)
+    return extra
+
+
+def prompt(tokenizer, offset: int, tokens: int) -> str:
+    import pydoc_data.topics as topics
+
+    ids = tokenizer(" ".join(topics.topics.values()))["input_ids"][offset : offset + tokens]
+    return tokenizer.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_llama(root / "llama", model_path())
+    tok = AutoTokenizer.from_pretrained(model)
+    prompts = [prompt(tok, 0, 150), prompt(tok, 5000, 160)]
+    heads = tiny_locret_heads(root)
+    requests = [{"id": policy, "prompt": prompts[k % 2], "max_tokens": MAX_TOKENS, "xargs": overrides(policy, heads)}
+                for k, policy in enumerate(names())]
+    requests.append({**requests[names().index("snapkv")], "id": ABORTED})
+    engine = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK, "max_model_len": 1024, "seed": 0,
+              "enable_prefix_caching": False, "num_gpu_blocks_override": 200, "max_num_batched_tokens": 640,
+              "additional_config": {"kv_evict": {"policy": "none"}}}
+    return {"model": str(model), "engine": engine, "requests": requests, "tok": tok}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny) -> dict:
+    """Both paths on every policy, with the same schedule: one request aborted after step 2, every running
+    request preempted (and recomputed) after step 3."""
+    spec = {"model": tiny["model"], "engine": tiny["engine"], "requests": tiny["requests"], "abort": [ABORTED],
+            "preempt_after": 3}
+    none = [r for r in tiny["requests"] if r["id"] == "none"]
+    return {"triton": run_path("triton", spec), "cpu": run_path("cpu", spec),
+            "stock": run_path("stock-triton", {**spec, "requests": none, "abort": []})}
+
+
+def test_runs_through_our_triton_backend_and_the_cpu_backend(runs):
+    assert runs["triton"]["backend"].endswith("triton_backend.KVEvictTritonBackend")
+    assert runs["cpu"]["backend"].endswith("backend.KVEvictCPUBackend")
+    assert runs["stock"]["backend"] == "vllm.v1.attention.backends.triton_attn.TritonAttentionBackend"
+
+
+def test_none_is_token_identical_to_stock_triton_attention(runs):
+    assert runs["triton"]["outputs"]["none"] == runs["stock"]["outputs"]["none"]
+
+
+def test_every_policy_gives_the_cpu_paths_tokens_and_kept_indices(runs):
+    triton, cpu = runs["triton"], runs["cpu"]
+    assert set(triton["outputs"]) == set(cpu["outputs"]) == set(names())
+    assert triton["outputs"] == cpu["outputs"]
+    assert triton["preempted"] == cpu["preempted"] >= 3
+    evicting = set(names("evict"))
+    assert evicting <= set(cpu["kept"])  # every evicting request logged its compactions
+    for rid in evicting:
+        assert triton["kept"][rid] == cpu["kept"][rid], rid  # per layer, per KV head
+    lanes = [len(set(map(len, heads))) > 1 for layer in triton["kept"]["ada-snapkv"].values() for heads in [layer]]
+    assert any(lanes)  # ragged head-lanes: heads kept different counts
+    assert triton["picked"] == cpu["picked"] and triton["picked"]["tokenselect"]  # TokenSelect's selections
+    assert triton["selection"] == cpu["selection"] and min(triton["selection"]) > 0  # cache hits and misses
+
+
+def test_compaction_frees_the_rules_blocks_and_every_block_returns(runs, tiny):
+    from vllm_kvevict.core.requests import plan_for
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    tok = tiny["tok"]
+    for report in (runs["triton"], runs["cpu"]):
+        assert report["free"][0] == report["free"][1]  # aborted, preempted and finished: every block is back
+    report = runs["triton"]
+    for request in tiny["requests"]:
+        if request["id"] == ABORTED:
+            continue
+        config = PolicyConfig.from_dict({k[3:]: v for k, v in request["xargs"].items()})
+        plan = plan_for(config, len(tok(request["prompt"])["input_ids"]), BLOCK, 2)
+        held = report["held"][request["id"]]
+        comp = plan.compaction
+        full = -(-len(tok(request["prompt"])["input_ids"]) // BLOCK)
+        if comp is None or comp.is_noop:
+            assert held[-1] >= full, (request["id"], held)  # nothing freed
+            continue
+        after = comp.kept_blocks + (full - comp.tail_start_block)
+        # after compaction it holds the rule's blocks (+1 where the first decoded token opens a new block);
+        # never more than the whole prompt (preempted requests recompute, and are compacted again)
+        assert max(held) <= full and {after, after + 1} & set(held), (request["id"], held)
+
+
+def test_default_model_through_the_triton_path():
+    """The real model, 30 layers under the interpreter (about 1.5 minutes for one short request): the default
+    policy (ragged lanes: the pack and lane-attention kernels) compacts, frees a block and answers token for
+    token as on the CPU path, keeping the same tokens in every (layer, KV head). The tiny model above
+    covers every policy and kernel."""
+    from transformers import AutoTokenizer
+
+    model = model_path()
+    tok = AutoTokenizer.from_pretrained(model)
+    text = prompt(tok, 0, 69)  # 69 tokens: 2 full blocks of 32 + 5; budget 36 keeps 1 block
+    requests = [{"id": "ada-snapkv", "prompt": text, "max_tokens": 3, "xargs": {"kv_policy": "ada-snapkv", "kv_budget": 36}}]
+    engine = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK, "max_model_len": 512, "seed": 0,
+              "enable_prefix_caching": False, "num_gpu_blocks_override": 40,
+              "additional_config": {"kv_evict": {"policy": "none"}}}
+    spec = {"model": model, "engine": engine, "requests": requests}
+    triton, cpu = run_path("triton", spec), run_path("cpu", spec)
+    assert triton["outputs"] == cpu["outputs"] and len(cpu["outputs"]["ada-snapkv"]) == 3
+    assert triton["kept"]["ada-snapkv"] == cpu["kept"]["ada-snapkv"] and len(cpu["kept"]["ada-snapkv"]) == 30
+    assert triton["held"]["ada-snapkv"][-1] < max(triton["held"]["ada-snapkv"])  # a block went back to the pool
