@@ -92,3 +92,67 @@ def test_pieces_cut_at_aligned_positions_and_any_late_piece_selects():
     assert ts.selects_within(0, 8192) and not ts.selects(0)
     assert not ts.selects_within(0, 2689)  # the last piece starts at 2560 <= 2688
     assert ts.selects_within(2689, 2690)
+
+
+def decode_batch(seed=0, heads=3, group=3, bs=16, dim=16, ctxs=(150, 97, 211)):
+    """Several decode requests in one paged cache, each with its own permuted block row and context."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-(c + 1) // bs) for c in ctxs)
+    num_blocks = width * len(ctxs) + 5
+    keys = torch.randn(num_blocks, heads, bs, dim, generator=g)
+    values = torch.randn(num_blocks, heads, bs, dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: width * len(ctxs)].view(len(ctxs), width)
+    queries = torch.randn(len(ctxs), heads * group, dim, generator=g)
+    return keys, values, tables, queries, torch.tensor(ctxs)
+
+
+def test_batched_twins_equal_the_single_request_ones():
+    from vllm_kvevict.paged.selection import paged_scores_batch, sparse_attention_batch, vote_topk_batch
+
+    keys, values, tables, queries, ctxs = decode_batch()
+    n_init, n_local = 8, 16
+    num_cand = ctxs - n_init - n_local
+    scores = paged_scores_batch(queries, keys, tables, n_init, num_cand, int(num_cand.max()))
+    ks = torch.tensor([5, 9, 7])
+    picks = vote_topk_batch(scores, ks)
+    selected, counts = [], []
+    for r, ctx in enumerate(ctxs.tolist()):
+        positions = torch.arange(n_init, ctx - n_local)
+        single = paged_scores(queries[r], keys, tables[r], positions)
+        torch.testing.assert_close(scores[r, :, : positions.numel()], single)
+        assert torch.isinf(scores[r, :, positions.numel():]).all()  # padding scores -inf
+        want = vote_topk(single, int(ks[r]))
+        assert torch.equal(picks[r, : ks[r]], want) and (picks[r, ks[r]:] == -1).all()
+        chosen = with_fixed_windows(positions[want], ctx, n_init, n_local)
+        selected.append(chosen)
+        counts.append(chosen.numel())
+    padded = torch.full((3, max(counts)), -1, dtype=torch.long)
+    for r, chosen in enumerate(selected):
+        padded[r, : chosen.numel()] = chosen
+    got = sparse_attention_batch(queries[:, None][:, 0], keys, values, tables, padded, torch.tensor(counts), ctxs, 0.25)
+    for r, ctx in enumerate(ctxs.tolist()):
+        want = sparse_attention(queries[r : r + 1], keys, values, tables[r], selected[r], ctx, 0.25)
+        torch.testing.assert_close(got[r : r + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_sparse_attention_reads_each_querys_own_causal_prefix():
+    """Several queries per request (query_off): query i of request r sees r's selection, then r's own
+    positions up to itself, as the single-request piece does."""
+    from vllm_kvevict.paged.selection import sparse_attention_batch
+
+    keys, values, tables, _, ctxs = decode_batch()
+    g = torch.Generator().manual_seed(7)
+    pieces = [3, 1, 4]  # queries per request, at positions ctx .. ctx + n - 1 (all inside the table)
+    ctxs = ctxs - 4
+    queries = torch.randn(sum(pieces), keys.shape[1] * 2, keys.shape[-1], generator=g)
+    selected = [torch.sort(torch.randperm(int(c), generator=g)[: 6 + r]).values for r, c in enumerate(ctxs.tolist())]
+    padded = torch.nn.utils.rnn.pad_sequence(selected, batch_first=True, padding_value=-1)
+    req = torch.repeat_interleave(torch.arange(3), torch.tensor(pieces))
+    off = torch.cat([torch.arange(n) for n in pieces])
+    got = sparse_attention_batch(queries, keys, values, tables, padded, torch.tensor([s.numel() for s in selected]),
+                                 ctxs, 0.25, req, off)
+    start = 0
+    for r, n in enumerate(pieces):
+        want = sparse_attention(queries[start : start + n], keys, values, tables[r], selected[r], int(ctxs[r]), 0.25)
+        torch.testing.assert_close(got[start : start + n], want, rtol=1e-5, atol=1e-5)
+        start += n

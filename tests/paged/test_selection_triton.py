@@ -80,3 +80,23 @@ def test_sparse_attention_over_all_positions_matches_twin_on_the_cpu_layout():
     else:
         got = ts().sparse_attention(*dev(query, keys.contiguous(), values, row, torch.arange(60)), 60, 0.25)
     torch.testing.assert_close(got.cpu(), want, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_batched_kernels_match_their_twins(group):
+    from tests.paged.test_selection import decode_batch
+
+    keys, values, tables, queries, ctxs = decode_batch(seed=group, group=group)
+    num_cand = ctxs - 24
+    max_cand = int(num_cand.max())
+    want = twin.paged_scores_batch(queries, keys, tables, 8, num_cand, max_cand)
+    got = ts().paged_scores_batch(*dev(queries, keys, tables), 8, num_cand.to(DEVICE), max_cand)
+    torch.testing.assert_close(got.cpu(), want, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(ts().soft_vote_batch(got).cpu(), twin.soft_vote_batch(want), rtol=TOL, atol=TOL)
+    ks = torch.tensor([5, 9, 7])
+    assert torch.equal(ts().vote_topk_batch(got, ks.to(DEVICE)).cpu(), twin.vote_topk_batch(want, ks))
+    selected = torch.stack([torch.randperm(int(c), generator=torch.Generator().manual_seed(int(c)))[:40] for c in ctxs])
+    counts = torch.tensor([40, 31, 40])
+    a = twin.sparse_attention_batch(queries, keys, values, tables, selected, counts, ctxs, 0.3)
+    b = ts().sparse_attention_batch(*dev(queries, keys, values, tables, selected, counts, ctxs), 0.3, block_n=16)
+    torch.testing.assert_close(b.cpu(), a, rtol=TOL, atol=TOL)

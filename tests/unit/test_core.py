@@ -128,3 +128,36 @@ def test_a_layer_captures_compacts_and_attends_like_the_policy_says(policy):
     tail = prompt + 1 - comp.compactable_tokens
     want = lane_attention_row(q, keys, values, physical[0], lanes, comp.kept_blocks, tail, DIM**-0.5)
     torch.testing.assert_close(out.view_as(want), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_rows_select_in_one_batch_like_the_dense_policy():
+    """Two selecting requests decode in one step: the batched path picks what the dense policy picks (per
+    request, per layer) and attends like dense attention over that selection; the next step reuses."""
+    policy_args = dict(n_init=8, n_local=16, similarity_threshold=-1.0)
+    ctxs = [300, 260]
+    caches = [_cache_with_prompt(c + 1, seed=c) for c in ctxs]  # the decode token's K/V is written too
+    # one pool holding both requests' blocks: the second's block row is shifted past the first's
+    cache = torch.cat([caches[0][0], caches[1][0]])
+    rows = [caches[0][1], caches[1][1] + caches[0][0].shape[0]]
+    width = max(r.numel() for r in rows)
+    table = torch.stack([torch.cat([r, r[-1:].expand(width - r.numel())]) for r in rows])
+    state = WorkerState()
+    layer = LayerEviction(0, TORCH_CPU, DIM**-0.5, state)
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(2, HKV * GROUP, DIM, generator=gen)
+    step = StepContext(tuple(_row(f"r{i}", "tokenselect", 32, c - 20, c, 1, **policy_args) for i, c in enumerate(ctxs)), 1)
+    plan, lens, _ = plan_step(step, [0, 1, 2], torch.tensor([c + 1 for c in ctxs]), table, state)
+    assert lens.tolist() == [1, 1]  # vLLM's kernel reads only the query's own token
+    out = torch.zeros(2, HKV * GROUP * DIM)
+    layer.after_attention(plan, query, cache, out)
+    for i, (c, (_, _, k, v, _)) in enumerate(zip(ctxs, caches)):
+        policy = step.rows[i].plan.policy
+        chosen = policy.select(query[i], k[:, :c])  # the dense policy, over the cached context
+        pos = torch.cat([chosen, torch.tensor([c])])
+        q = query[i].view(HKV, GROUP, DIM)
+        probs = torch.softmax(torch.einsum("hgd,htd->hgt", q, k[:, pos]) * DIM**-0.5, dim=-1)
+        want = torch.einsum("hgt,htd->hgd", probs, v[:, pos]).reshape(-1)
+        torch.testing.assert_close(out[i], want, rtol=1e-5, atol=1e-5)
+    layer.after_attention(plan, query, cache, out)  # the same queries again: both rows hit
+    report = state.report.drain()["selection"]
+    assert report[0][:3] == ["tokenselect", 2, 2] and report[0][3] == [8 + 32 + 16, 8 + 32 + 16]

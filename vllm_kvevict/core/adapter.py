@@ -8,6 +8,7 @@ The core never indexes a KV cache itself. It asks its adapter for neutral key / 
     lane_attention    attention over ragged head-lanes + the standard tail, whole batch at once
     paged_scores      q . k over a candidate range (selection), then vote_topk: head soft vote + top-k
     sparse_attention  attention over a selected position list + the step's own tokens
+    *_batch           the same three for a whole decode batch at once (one launch each)
 
 `TORCH_CPU` runs the torch twins on CPU_ATTN's layout (the CPU path); `TRITON_FLASH` runs the Triton
 kernels on TRITON_ATTN's flash layout (the CUDA path, or the CPU under TRITON_INTERPRET=1).
@@ -36,11 +37,15 @@ class CacheAdapter:
     paged_scores: Callable
     vote_topk: Callable
     sparse_attention: Callable
+    paged_scores_batch: Callable
+    vote_topk_batch: Callable
+    sparse_attention_batch: Callable
 
 
 TORCH_CPU = CacheAdapter(
     "torch twins on CPU_ATTN", cache_layout.cpu_views, compact.gather_dense, compact.move_tokens,
     lanes.lane_attention, selection.paged_scores, soft_vote.vote_topk, selection.sparse_attention,
+    selection.paged_scores_batch, selection.vote_topk_batch, selection.sparse_attention_batch,
 )
 
 
@@ -59,4 +64,5 @@ def triton_flash() -> CacheAdapter:
     return CacheAdapter(
         "Triton kernels on TRITON_ATTN", cache_layout.flash_views, compact.gather_dense, move.move_tokens,
         lane_attention, select.paged_scores, select.vote_topk, select.sparse_attention,
+        select.paged_scores_batch, select.vote_topk_batch, select.sparse_attention_batch,
     )

@@ -9,7 +9,8 @@ impl owns one `LayerEviction` and calls it around its own kernel:
     backend kernel     attention over [compacted region | tail] for every row (the builder's rewrite);
                        rows whose output the core computes itself read only their own tokens
     after_attention    head-lane rows: attention over each head's lanes + tail (KeptLayout.HEAD_LANES);
-                       selecting rows: attention over the selected positions (Trigger.PER_QUERY);
+                       selecting rows: attention over the selected positions (Trigger.PER_QUERY,
+                       `selecting.py`);
                        rows reaching a compaction point: compact this layer (`compaction.py`)
 
 Every memory access goes through the layer's `CacheAdapter` (torch twins on CPU_ATTN, Triton kernels on
@@ -24,10 +25,10 @@ import torch
 
 from vllm_kvevict.core.adapter import CacheAdapter
 from vllm_kvevict.core.compaction import compact_layer
+from vllm_kvevict.core.selecting import selected_attention
 from vllm_kvevict.core.state import WorkerState
 from vllm_kvevict.core.step import RowInfo, StepContext
 from vllm_kvevict.paged.layout import physical_rows
-from vllm_kvevict.policies.soft_vote import query_fingerprint
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class LayerEviction:
         if plan.lanes is not None:
             self._lane_attention(plan.lanes, query, keys, values, out)
         if plan.logical_tables is not None:
-            self._selected_attention(plan, query, keys, values, out)
+            selected_attention(self, plan, query, keys, values, out)
         for i, table in plan.logical_rows.items():
             compact_layer(self, plan.step.rows[i], table, keys, values, plan.step.num_layers)
 
@@ -193,38 +194,3 @@ class LayerEviction:
         out[lanes.token_index] = self.adapter.lane_attention(
             q, keys, values, lanes.tables, maps[:, 0], maps[:, 1], lanes.num_compacted, lanes.query_req,
             lanes.query_pos, self.scale, longest=lanes.longest).to(out.dtype)
-
-    def _selected_attention(self, plan: StepPlan, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                            out: torch.Tensor) -> None:
-        """Selecting rows: each query piece attends to its selection plus the piece's own tokens, causally.
-
-        The step's tokens are cut into pieces at multiples of the policy's `prefill_chunk` (a decode step
-        is one piece); each piece selects with its mean query over the context cached before it."""
-        for i, row in enumerate(plan.step.rows):
-            if not row.selects:
-                continue
-            policy = row.plan.policy
-            table = plan.logical_tables[i]
-            base = plan.query_start[i] - row.num_computed  # position p's token is batch row base + p
-            for first, last in policy.pieces(row.num_computed, row.end):
-                if not policy.selects(first):
-                    continue
-                q = query[base + first : base + last]
-                selected = self._select(row, q, keys, table, first)
-                out[base + first : base + last] = self.adapter.sparse_attention(
-                    q, keys, values, table, selected, first, self.scale).to(out.dtype)
-
-    def _select(self, row: RowInfo, q: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Tensor:
-        policy = row.plan.policy
-        cache = self.state.selections
-        fingerprint = query_fingerprint(q.transpose(0, 1))
-        picked = cache.lookup((row.req_id, self.layer), fingerprint, policy.threshold)
-        hit = picked is not None
-        if not hit:
-            positions = torch.arange(policy.n_init, ctx - policy.n_local, device=q.device)
-            scores = self.adapter.paged_scores(q.float().mean(dim=0), keys, table, positions)
-            picked = positions[self.adapter.vote_topk(scores, policy.top_k(ctx), policy.pool_kernel)]
-            cache.store((row.req_id, self.layer), fingerprint, picked)
-        selected = policy.with_windows(picked[picked < ctx], ctx)
-        self.state.report.record_selection(row.plan.config.policy, row.req_id, hit, int(selected.numel()))
-        return selected

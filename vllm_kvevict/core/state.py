@@ -146,19 +146,26 @@ class WorkerReport:
         key = (policy, req_id)
         self._compaction_s[key] = self._compaction_s.get(key, 0.0) + seconds
 
-    def record_selection(self, policy: str, req_id: str, hit: bool, selected: int) -> None:
+    def record_selection(self, policy: str, req_id: str, hit: bool, selected: int | torch.Tensor) -> None:
+        """One selection; `selected` may be a device scalar (read once per step, in `drain`)."""
         counts = self._counts.setdefault(policy, [0, 0])
         counts[0 if hit else 1] += 1
         acc = self._selected.setdefault((policy, req_id), [0, 0])
-        acc[0] += selected
+        acc[0] = acc[0] + selected
         acc[1] += 1
 
     def drain(self) -> dict[str, list[list]]:
         """{"selection": [[policy, hits, misses, [mean selected tokens of each request, ...]], ...],
         "compaction_s": [[policy, seconds], ...]}, each key only when it has entries."""
         out: dict[str, list[list]] = {}
+        totals = [total for total, _ in self._selected.values()]
+        on_device = [t for t in totals if isinstance(t, torch.Tensor)]
+        if on_device:  # one host read for the whole step
+            values = iter(torch.stack([t.reshape(()) for t in on_device]).tolist())
+            totals = [next(values) if isinstance(t, torch.Tensor) else t for t in totals]
+        sums = {key: float(total) for key, total in zip(self._selected, totals)}
         for policy, (hits, misses) in self._counts.items():
-            sizes = [total / layers for (p, _), (total, layers) in self._selected.items() if p == policy]
+            sizes = [sums[(p, r)] / layers for (p, r), (_, layers) in self._selected.items() if p == policy]
             out.setdefault("selection", []).append([policy, hits, misses, sizes])
         if self._compaction_s:
             out["compaction_s"] = [[policy, seconds] for (policy, _), seconds in self._compaction_s.items()]

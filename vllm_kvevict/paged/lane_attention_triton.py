@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvevict.paged.tile_triton import empty_softmax_state, load_query_group, online_softmax_update
+from vllm_kvevict.paged.tile_triton import empty_softmax_state, load_kv_tile, load_query_group, online_softmax_update
 
 
 @triton.jit
@@ -66,11 +66,8 @@ def _lane_attention_kernel(
         block = tl.load(row + col, mask=valid, other=0).to(tl.int64)
         kv_h = tl.where(in_lanes, lane % NUM_KV_HEADS, h)
         slot = tl.where(in_lanes, j % BLOCK_SIZE, t % BLOCK_SIZE)
-        kmask = valid[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + (block * sk_b + kv_h * sk_h + slot * sk_s)[:, None] + d[None, :] * sk_d,
-                    mask=kmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + (block * sv_b + kv_h * sv_h + slot * sv_s)[:, None] + d[None, :] * sv_d,
-                    mask=kmask, other=0.0).to(tl.float32)
+        k, v = load_kv_tile(k_ptr, v_ptr, block, kv_h, slot, valid, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
+                            HEAD_DIM, DIM_PAD)
         m, l, acc = online_softmax_update(q, k, v, valid, m, l, acc, scale)
 
     heads = h * GROUP + g

@@ -1,8 +1,9 @@
-"""Pieces shared by the attention kernels (Triton): the online-softmax update of one key/value tile.
+"""Pieces shared by the attention kernels (Triton): loading a tile of paged keys and values, and the
+online-softmax update of one tile.
 
-Each kernel gathers its own tile of keys and values (head-lanes, or a selected index list) and folds
-it into the running (max, sum, accumulator) of a GQA group of queries, in fp32. The torch twins
-compute plain softmax attention, which the kernel tests compare against.
+Each kernel works out its own tile's addresses (head-lanes, or a selected index list) and folds it into
+the running (max, sum, accumulator) of a GQA group of queries, in fp32. The torch twins compute plain
+softmax attention, which the kernel tests compare against.
 """
 
 import triton
@@ -37,3 +38,14 @@ def empty_softmax_state(GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr):
     """(max, sum, accumulator) before any tile: -inf, 0, 0."""
     return (tl.full([GROUP_PAD], float("-inf"), tl.float32), tl.zeros([GROUP_PAD], tl.float32),
             tl.zeros([GROUP_PAD, DIM_PAD], tl.float32))
+
+
+@triton.jit
+def load_kv_tile(k_ptr, v_ptr, block, head, slot, valid, sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
+                 HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """Keys and values [N, DIM_PAD] fp32 at (block, head, slot) per row (int64 [N]); invalid rows read 0."""
+    d = tl.arange(0, DIM_PAD)
+    mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(k_ptr + (block * sk_b + head * sk_h + slot * sk_s)[:, None] + d[None, :] * sk_d, mask=mask, other=0.0)
+    v = tl.load(v_ptr + (block * sv_b + head * sv_h + slot * sv_s)[:, None] + d[None, :] * sv_d, mask=mask, other=0.0)
+    return k.to(tl.float32), v.to(tl.float32)

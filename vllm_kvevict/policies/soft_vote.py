@@ -73,6 +73,21 @@ class SelectionCache:
         self.misses += 1
         return None
 
+    def lookup_batch(self, keys: list[Hashable], fingerprints: torch.Tensor, threshold: float
+                     ) -> list[torch.Tensor | None]:
+        """`lookup` for many keys at once (fingerprints [R, F]): one batched cosine and one host read
+        of the hit mask, whatever R is; counts the hits and misses."""
+        entries = [self.entries.get(key) for key in keys]
+        usable = [e is not None and e[0].shape == fingerprints.shape[1:] for e in entries]
+        hits = [False] * len(keys)
+        if any(usable):
+            cached = torch.stack([e[0] if ok else torch.zeros_like(fingerprints[0]) for e, ok in zip(entries, usable)])
+            similar = torch.nn.functional.cosine_similarity(cached.double(), fingerprints.double(), dim=1) >= threshold
+            hits = [bool(h) and ok for h, ok in zip(similar.tolist(), usable)]
+        self.hits += sum(hits)
+        self.misses += len(keys) - sum(hits)
+        return [e[1] if hit else None for e, hit in zip(entries, hits)]
+
     def store(self, key: Hashable, fingerprint: torch.Tensor, picked: torch.Tensor) -> None:
         self.entries[key] = (fingerprint, picked)
 
