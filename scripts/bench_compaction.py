@@ -17,26 +17,17 @@ Defaults: a Llama-3-8B layer (8 KV heads, head size 128, bf16), block size 16.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 
 import torch
 from bench_lane_attention import copy_bandwidth, ragged_lengths
-from gpu_bench import load_kernel, report
+from gpu_bench import load_kernel, paged_args, parse_on_gpu, report
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="8192,32768,131072")
+    ap = paged_args(__doc__, "8192,32768,131072", "bench_compaction")
     ap.add_argument("--budgets", default="8", help="keep 1/N of the context per head, for each N")
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--out", default=None, help="folder for bench_compaction.json")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_compaction needs a CUDA GPU (the kernels' CPU correctness tests are in tests/paged)")
+    args = parse_on_gpu(ap, "bench_compaction")
     from triton.testing import do_bench
 
     move = load_kernel("move_triton")
@@ -46,7 +37,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     copy_bw = copy_bandwidth(dev)
     records = []
-    for context in [int(c) for c in args.contexts.split(",")]:
+    for context in args.contexts:
         blocks = math.ceil(context / bs)
         cache = torch.randn(2, blocks + 8, bs, heads, dim, dtype=dtype, device=dev)
         keys, values = cache[0].permute(0, 2, 1, 3), cache[1].permute(0, 2, 1, 3)

@@ -18,12 +18,10 @@ The kernel's correctness is tested in tests/paged; here the outputs are only cro
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 
 import torch
-from gpu_bench import load_kernel, report
+from gpu_bench import load_kernel, paged_args, parse_on_gpu, report
 
 
 def ragged_lengths(total: int, heads: int, cap: int, gen: torch.Generator) -> list[int]:
@@ -68,19 +66,12 @@ def copy_bandwidth(dev) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="8192,32768,131072")
+    ap = paged_args(__doc__, "8192,32768,131072", "bench_lane_attention")
     ap.add_argument("--budgets", default="8,32", help="keep 1/N of the context per layer, for each N")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--block-n", type=int, default=64)
-    ap.add_argument("--out", default=None, help="folder for bench_lane_attention.json")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_lane_attention needs a CUDA GPU (the kernel's CPU correctness tests are in tests/paged)")
+    args = parse_on_gpu(ap, "bench_lane_attention")
     from triton.testing import do_bench
 
     mod = load_kernel("lane_attention_triton")
@@ -90,7 +81,7 @@ def main() -> None:
     copy_bw = copy_bandwidth(dev)
     scale = dim**-0.5
     records = []
-    for context in [int(c) for c in args.contexts.split(",")]:
+    for context in args.contexts:
         query = torch.randn(batch, heads * group, dim, dtype=dtype, device=dev)
         k_dense = torch.randn(batch, heads, context, dim, dtype=dtype, device=dev)
         v_dense = torch.randn_like(k_dense)

@@ -15,27 +15,18 @@ bf16), k = 2048, n_init 128, n_local 512, block size 16.
 
 from __future__ import annotations
 
-import argparse
-import sys
 
 import torch
-from gpu_bench import load_kernel, report
+from gpu_bench import load_kernel, paged_args, parse_on_gpu, report
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="32768,131072")
+    ap = paged_args(__doc__, "32768,131072", "bench_token_select")
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--n-init", type=int, default=128)
     ap.add_argument("--n-local", type=int, default=512)
-    ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_token_select needs a CUDA GPU (the kernels' CPU correctness tests are in tests/paged)")
+    args = parse_on_gpu(ap, "bench_token_select")
     from triton.testing import do_bench
 
     from vllm_kvevict.policies.soft_vote import with_fixed_windows
@@ -46,7 +37,7 @@ def main() -> None:
     group = args.q_heads // heads
     scale = dim**-0.5
     records = []
-    for ctx in [int(c) for c in args.contexts.split(",")]:
+    for ctx in args.contexts:
         nblocks = -(-(ctx + 1) // bs)
         cache = torch.randn(2, nblocks, bs, heads, dim, dtype=dtype, device=dev)
         keys, values = cache[0].permute(0, 2, 1, 3), cache[1].permute(0, 2, 1, 3)

@@ -7,6 +7,7 @@ outside torch and Triton.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -32,3 +33,26 @@ def report(title: str, header: list[str], rows: list[list[str]], out: str | None
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"{name}.json"), "w") as f:
             json.dump(doc, f, indent=2)
+
+
+def paged_args(doc: str, contexts: str, out_name: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with the paged-cache shape every kernel benchmark takes (add its own, then
+    `parse_on_gpu`)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--contexts", default=contexts, help="context lengths in tokens, comma list")
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--out", default=None, help=f"folder for {out_name}.json")
+    return ap
+
+
+def parse_on_gpu(ap: argparse.ArgumentParser, name: str) -> argparse.Namespace:
+    """Parsed arguments, or exit with a clear message where no CUDA GPU is visible."""
+    import torch
+
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"{name} needs a CUDA GPU (the kernels' CPU correctness tests are in tests/paged)")
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    return args

@@ -159,22 +159,62 @@ def test_compaction_frees_the_rules_blocks_and_every_block_returns(runs, tiny):
         assert max(held) <= full and {after, after + 1} & set(held), (request["id"], held)
 
 
+def default_model_overrides(policy: str) -> dict:
+    """Every policy on a 69-token prompt (2 full blocks of 32 + 5): budgets that keep 1 block of 2."""
+    extra = {"kv_policy": policy}
+    if policy == "none":
+        return extra
+    extra["kv_budget"] = 36
+    fields = {p.name for p in get_spec(policy).params}
+    if "weights" in fields:  # the shipped heads; compacts at the chunk ending at 64 down to 1 block
+        extra.update(kv_budget=16, kv_chunk_size=32, kv_stabilizers=8)
+    if "n_init" in fields:  # selecting from the second prefill piece on and at every decode step
+        extra.update(kv_budget=16, kv_n_init=4, kv_n_local=16, kv_prefill_chunk=32, kv_similarity_threshold=-1.0)
+    return extra
+
+
+def one_policy_per_path() -> list[str]:
+    """A policy per distinct way the core acts on memory (trigger x kept layout, from the declarations):
+    the tiny model above runs every policy; the 30-layer model under the interpreter costs about a
+    minute per request, so it runs these. Uniform layer budgets first (a pyramid's largest layer may
+    hold the whole short prompt), then those that need the most."""
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    chosen: dict[tuple, tuple] = {}
+    for name in names("evict") + names("select"):
+        decl = PolicyConfig(name).build().declaration
+        key = (decl.trigger, decl.layout)
+        rank = (decl.layer_budget.value != "uniform", -len(decl.needs))
+        if key not in chosen or rank < chosen[key][0]:
+            chosen[key] = (rank, name)
+    return [name for _, name in chosen.values()]
+
+
 def test_default_model_through_the_triton_path():
-    """The real model, 30 layers under the interpreter (about 1.5 minutes for one short request): the default
-    policy (ragged lanes: the pack and lane-attention kernels) compacts, frees a block and answers token for
-    token as on the CPU path, keeping the same tokens in every (layer, KV head). The tiny model above
-    covers every policy and kernel."""
+    """The real model, 30 layers under the interpreter, one policy per memory path in one batch (about 5
+    minutes): each compacts, frees a block and answers token for token as on the CPU path, keeping the
+    same tokens in every (layer, KV head); TokenSelect picks the same positions."""
     from transformers import AutoTokenizer
 
     model = model_path()
     tok = AutoTokenizer.from_pretrained(model)
-    text = prompt(tok, 0, 69)  # 69 tokens: 2 full blocks of 32 + 5; budget 36 keeps 1 block
-    requests = [{"id": "ada-snapkv", "prompt": text, "max_tokens": 3, "xargs": {"kv_policy": "ada-snapkv", "kv_budget": 36}}]
+    texts = [prompt(tok, 0, 69), prompt(tok, 5000, 69)]
+    policies = one_policy_per_path()
+    assert len(policies) == 4 and "tokenselect" in policies and "ada-snapkv" in policies, policies
+    requests = [{"id": policy, "prompt": texts[k % 2], "max_tokens": 3, "xargs": default_model_overrides(policy)}
+                for k, policy in enumerate(policies)]
     engine = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK, "max_model_len": 512, "seed": 0,
-              "enable_prefix_caching": False, "num_gpu_blocks_override": 40,
+              "enable_prefix_caching": False, "num_gpu_blocks_override": 40, "max_num_batched_tokens": 512,
               "additional_config": {"kv_evict": {"policy": "none"}}}
     spec = {"model": model, "engine": engine, "requests": requests}
     triton, cpu = run_path("triton", spec), run_path("cpu", spec)
-    assert triton["outputs"] == cpu["outputs"] and len(cpu["outputs"]["ada-snapkv"]) == 3
-    assert triton["kept"]["ada-snapkv"] == cpu["kept"]["ada-snapkv"] and len(cpu["kept"]["ada-snapkv"]) == 30
-    assert triton["held"]["ada-snapkv"][-1] < max(triton["held"]["ada-snapkv"])  # a block went back to the pool
+    assert triton["outputs"] == cpu["outputs"] and all(len(t) == 3 for t in cpu["outputs"].values())
+    assert set(cpu["outputs"]) == set(policies)
+    for policy in set(policies) & set(names("evict")):
+        assert triton["kept"][policy] == cpu["kept"][policy], policy
+        assert len(cpu["kept"][policy]) == 30, policy  # every layer compacted
+        held = triton["held"][policy]
+        assert held[-1] < max(held), (policy, held)  # a block went back to the pool
+    assert triton["picked"] == cpu["picked"] and triton["picked"]["tokenselect"]
+    assert triton["selection"] == cpu["selection"]
+    assert triton["free"][0] == triton["free"][1]
