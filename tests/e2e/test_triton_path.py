@@ -192,7 +192,7 @@ def one_policy_per_path() -> list[str]:
 
 def test_default_model_through_the_triton_path():
     """The real model, 30 layers under the interpreter, one policy per memory path in one batch (about 5
-    minutes): each compacts, frees a block and answers token for token as on the CPU path, keeping the
+    minutes): each compacts, holds fewer blocks than the full cache and answers token for token as on the CPU path, keeping the
     same tokens in every (layer, KV head); TokenSelect picks the same positions."""
     from transformers import AutoTokenizer
 
@@ -214,7 +214,9 @@ def test_default_model_through_the_triton_path():
         assert triton["kept"][policy] == cpu["kept"][policy], policy
         assert len(cpu["kept"][policy]) == 30, policy  # every layer compacted
         held = triton["held"][policy]
-        assert held[-1] < max(held), (policy, held)  # a block went back to the pool
+        text = next(r["prompt"] for r in requests if r["id"] == policy)
+        uncompacted = -(-(len(tok(text)["input_ids"]) + 3) // BLOCK)  # prompt + 3 tokens in full blocks
+        assert held[-1] < uncompacted, (policy, held)  # it ends holding less than the full cache would
     assert triton["picked"] == cpu["picked"] and triton["picked"]["tokenselect"]
     assert triton["selection"] == cpu["selection"]
     assert triton["free"][0] == triton["free"][1]
