@@ -57,6 +57,9 @@ def test_bench_capacity_quick_shows_eviction_buying_concurrency(tmp_path):
     for rec in recs.values():
         assert CAPACITY_KEYS <= set(rec) and {"peak_running", "output_tok_s"} <= set(rec["ratio_vs_none"])
         assert rec["ttft_p50_s"] <= rec["ttft_p95_s"] and rec["itl_p50_s"] <= rec["itl_p95_s"]
+        assert rec["lone_ttft_s"] > 0 and rec["timeline"][-1][1:] == [0, 0, 0]  # every request done, pool free
+        assert max(step[1] for step in rec["timeline"]) == rec["peak_running"]
+        assert max(step[3] for step in rec["timeline"]) <= doc["kv_blocks"]
     none = recs["none"]
     # 512+32 tokens = 17 blocks of 32: the 39 usable blocks hold two full requests at a time
     assert none["peak_running"] == 2 and none["blocks_per_request"] == 17
@@ -65,7 +68,10 @@ def test_bench_capacity_quick_shows_eviction_buying_concurrency(tmp_path):
         assert rec["blocks_per_request"] <= 4  # budget 64 = 2 kept blocks, + the tail's decode block(s)
         assert rec["peak_running"] > none["peak_running"]
         assert rec["ratio_vs_none"]["peak_running"] == rec["peak_running"] / none["peak_running"]
+        assert rec["compaction_s"] > 0  # worker time, read from the scheduler's counters
+    assert none["compaction_s"] == 0
     assert (tmp_path / "capacity.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "capacity_timeline.png").read_bytes()[:8] == PNG
     assert "| none | full | 17.0 | 2 |" in (tmp_path / "capacity.md").read_text()
 
 

@@ -12,6 +12,7 @@ import re
 import pytest
 
 from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Trigger
+from vllm_kvevict.policies.registry import get_spec
 
 from tests.e2e.engine import (
     BLOCK,
@@ -76,12 +77,12 @@ def n_tokens(tok, prompt: str) -> int:
     return len(tok(prompt)["input_ids"])
 
 
-def compaction(llm, prompt_len: int, policy: str):
+def compaction(llm, prompt_len: int, policy: str, **overrides):
     from vllm_kvevict.core.requests import request_plan, server_config
 
     sched = scheduler(llm)
     server = server_config(sched.vllm_config.additional_config)
-    return request_plan(server, {"kv_policy": policy}, prompt_len, BLOCK, sched.kv_num_layers).compaction
+    return request_plan(server, {"kv_policy": policy, **overrides}, prompt_len, BLOCK, sched.kv_num_layers).compaction
 
 
 def assert_fluent(text: str) -> None:
@@ -283,30 +284,42 @@ def test_preempting_a_compacted_request_recomputes_it_to_the_same_output(llm, pr
     assert compactions[policy] - before == reference_compactions + redone
 
 
-def test_vatp_keeps_evicting_while_decoding(llm, tok, prompt_a):
+# policies that can re-compact the tail while decoding (a `decode_interval` field)
+DECODE_INTERVAL = [n for n in POLICIES if get_spec(n).param("decode_interval") is not None]
+
+
+def test_every_policy_with_a_decode_interval_keeps_evicting_while_decoding(llm, tok, prompt_a):
+    """decode_interval=128 (one block): every 128 tokens of KV past the prompt, the tail goes back into
+    the budget, so however long a request decodes it holds at most kept + interval + 1 blocks. All such
+    policies run batched; each one's compactions and freed blocks are counted separately."""
+    assert {"snapkv", "vatp", "streamingllm"} <= set(DECODE_INTERVAL), DECODE_INTERVAL
     prompt_len = n_tokens(tok, prompt_a)
-    comp = compaction(llm, prompt_len, "vatp")
-    assert comp.interval_blocks == 1  # decode_interval 128 = one block
-    rid = "vatp-decode"
-    held: list[int] = []
+    held: dict[str, list[int]] = {p: [] for p in DECODE_INTERVAL}
 
     def on_step(_step):
-        if find_request(llm, rid) is not None:
-            held.append(held_blocks(llm, rid))
+        for p in DECODE_INTERVAL:
+            if find_request(llm, p) is not None:
+                held[p].append(held_blocks(llm, p))
 
     counters = scheduler(llm).kv_counters
-    before = (counters.compactions.get("vatp", 0), counters.freed_blocks.get("vatp", 0))
-    params = greedy(max_tokens=300, kv_policy="vatp")
-    params.ignore_eos = True
-    out = run_steps(llm, [(rid, prompt_a, params)], on_step)
+    before = {p: (counters.compactions.get(p, 0), counters.freed_blocks.get(p, 0)) for p in DECODE_INTERVAL}
+    requests = []
+    for p in DECODE_INTERVAL:
+        params = greedy(max_tokens=300, kv_policy=p, kv_decode_interval=128)
+        params.ignore_eos = True
+        requests.append((p, prompt_a, params))
+    out = run_steps(llm, requests, on_step)
     points = 1 + (prompt_len + 299 - prompt_len) // 128  # the prompt's, then one per 128 tokens of KV
-    assert counters.compactions["vatp"] - before[0] == points == 3
-    assert counters.freed_blocks["vatp"] - before[1] == comp.freed_blocks + (points - 1)
-    after_prompt = held[held.index(max(held)) + 1 :]
-    assert max(after_prompt) <= comp.kept_blocks + comp.interval_blocks + 1  # bounded, however long it decodes
-    snap = compaction(llm, prompt_len, "snapkv")
-    assert held[-1] < snap.kept_blocks + -(-(prompt_len + 299) // BLOCK) - snap.tail_start_block
-    assert_fluent(tok.decode(out[rid][:60], skip_special_tokens=True))
+    for p in DECODE_INTERVAL:
+        comp = compaction(llm, prompt_len, p, kv_decode_interval=128)
+        assert comp.interval_blocks == 1
+        assert counters.compactions[p] - before[p][0] == points == 3, p
+        assert counters.freed_blocks[p] - before[p][1] == comp.freed_blocks + (points - 1), p
+        after_prompt = held[p][held[p].index(max(held[p])) + 1 :]
+        assert max(after_prompt) <= comp.kept_blocks + comp.interval_blocks + 1, (p, held[p])  # bounded
+        assert_fluent(tok.decode(out[p][:60], skip_special_tokens=True))
+    snap = compaction(llm, prompt_len, "snapkv")  # without an interval the tail grows
+    assert held["snapkv"][-1] < snap.kept_blocks + -(-(prompt_len + 299) // BLOCK) - snap.tail_start_block
 
 
 def test_abort_mid_prefill_returns_every_block_and_query(llm, prompt_a, short_prompt):

@@ -91,12 +91,18 @@ def test_markdown_and_plots(tmp_path):
     assert all(p.read_bytes()[:8] == PNG for p in paths)
     cap = {"model": "m", "kv_blocks": 40, "block_size": 32, "requests": 2, "prompt_len": 512, "max_tokens": 8, "records": [
         {"policy": p, "budget": b, "blocks_per_request": k, "peak_running": r, "output_tok_s": t, "ttft_p50_s": 1.0,
-         "ttft_p95_s": 2.0, "itl_p50_s": 0.1, "itl_p95_s": 0.2,
-         "ratio_vs_none": {"peak_running": r / 2, "output_tok_s": t / 10, "blocks_per_request": k / 17}}
+         "ttft_p95_s": 2.0, "itl_p50_s": 0.1, "itl_p95_s": 0.2, "lone_ttft_s": 0.5 * r, "compaction_s": r - 2,
+         "timeline": [[0.0, 0, r, 0], [1.0, r, 0, k * r], [2.0, 0, 0, 0]],
+         "ratio_vs_none": {"peak_running": r / 2, "output_tok_s": t / 10, "blocks_per_request": k / 17,
+                           "lone_ttft_s": r / 2, "itl_p50_s": 1.0}}
         for p, b, k, r, t in [("none", None, 17, 2, 10.0), ("snapkv", 64, 3, 6, 15.0)]]}
     md = report.capacity_markdown(cap)
-    assert "| snapkv | 64 | 3.0 | 6 | 15.0 | 1.00 / 2.00 | 0.100 / 0.200 | 3.00 | 1.50 |" in md
+    assert "| snapkv | 64 | 3.0 | 6 | 15.0 | 1.00 / 2.00 | 0.100 / 0.200 | 3.00 | 1.50 | 1.00 | 3.00 (x3.00) | 4.00 |" in md
     assert report.capacity_plot(cap, tmp_path).read_bytes()[:8] == PNG
+    assert report.capacity_timeline_plot(cap, tmp_path).read_bytes()[:8] == PNG
+    for rec in cap["records"]:
+        del rec["timeline"]
+    assert report.capacity_timeline_plot(cap, tmp_path) is None
 
 
 def test_percentile():

@@ -10,14 +10,17 @@ from hypothesis import strategies as st
 from vllm_kvevict.policies.adakv import adakv_allocate
 from vllm_kvevict.policies.attention import pool_scores, window_attention
 from vllm_kvevict.policies.config import PolicyConfig
+from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.budget import resolve_budget
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import pyramid_budgets
+from vllm_kvevict.policies.registry import names
 from vllm_kvevict.policies.topk import candidate_positions, protected_positions
 from vllm_kvevict.policies.uniform import uniform_allocate
 
-EVICT = ["streamingllm", "snapkv", "pyramidkv", "ada-snapkv", "ada-pyramidkv", "vatp", "nacl"]
+# every evicting policy that plans from a dense view (those scoring pre-RoPE q/k/v have their own tests)
+EVICT = [n for n in names("evict") if Need.PRE_ROPE_QKV not in PolicyConfig(n).build().declaration.needs]
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -157,3 +160,14 @@ def test_min_prompt_len_skips_short_prompts():
     policy = PolicyConfig("snapkv", 40, (("min_prompt_len", 100),)).build()
     assert policy.plan(make_view(policy, 3, 3, 100, 0, 1, 0)).is_noop
     assert not policy.plan(make_view(policy, 3, 3, 101, 0, 1, 0)).is_noop
+
+
+def test_streamingllm_recompaction_keeps_sinks_and_the_latest_tokens_of_the_region():
+    """During decode (decode_interval) the region is [kept | grown tail]; StreamingLLM keeps its sinks
+    and then the most recent tokens of the region, not arbitrary ones."""
+    policy = PolicyConfig.from_dict({"policy": "streamingllm", "budget": 64, "decode_interval": 128}).build()
+    assert policy.declaration.decode_interval == 128
+    view = make_view(policy, 2, 2, 300, 0, 1, 0)
+    plan = policy.plan_rect(view, region=256, keep=64)
+    want = list(range(4)) + list(range(256 - 60, 256))
+    assert [ix.tolist() for ix in plan.indices] == [want, want]

@@ -10,6 +10,9 @@ The engine is stepped here (in-process engine core), so every step can read the 
     output_tok_s         output tokens / wall time of the phase (prefill included)
     ttft_*               submission -> first output token (queueing included), p50 / p95
     itl_*                time between a request's consecutive output tokens, p50 / p95
+    compaction_s         worker time compacting (scoring, selection, moving KV; all requests, all layers)
+    lone_ttft_s          TTFT of one request alone on the idle engine (median of 3): compaction's cost
+    timeline             [seconds, running, waiting, KV blocks in use] after every step (the plot)
 
 Ratios are to `none` measured in the same run on the same engine. Eviction pays only when the pool
 cannot hold every request's full prompt: pick `kv_blocks` so that `none` runs few at a time.
@@ -83,6 +86,10 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             extra_args=policy_args(policy, budget))
+    pool = sched.kv_cache_manager.block_pool
+    total_blocks = pool.get_num_free_blocks()
+    compacting = sched.kv_counters.compaction_seconds.get(policy, 0.0)
+    timeline: list[list[float]] = []
     start = time.perf_counter()
     names = [engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p), params) for i, p in enumerate(prompts)]
     token_times: dict[str, list[float]] = {n: [] for n in names}
@@ -92,6 +99,8 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
         outputs = engine.step()
         now = time.perf_counter()
         peak_running = max(peak_running, len(sched.running))
+        timeline.append([round(now - start, 3), len(sched.running), len(sched.waiting),
+                         total_blocks - pool.get_num_free_blocks()])
         for out in outputs:
             times = token_times.setdefault(out.request_id, [])
             times.extend([now] * (len(out.outputs[0].token_ids) - len(times)))
@@ -112,7 +121,16 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
         "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
         "itl_p50_s": percentile(itl, 50), "itl_p95_s": percentile(itl, 95),
         "seconds": wall, "output_tokens": n_out,
+        "compaction_s": sched.kv_counters.compaction_seconds.get(policy, 0.0) - compacting,
+        "timeline": timeline,
     }
+
+
+def lone_ttft(llm, prompt: list[int], policy: str, budget, repeats: int = 3) -> float:
+    """TTFT of one request alone on the idle engine, median of `repeats` (what compaction adds to it)."""
+    times = sorted(run_phase(llm, [prompt], policy, budget, 1, f"lone-{policy}-{k}")["ttft_p50_s"]
+                   for k in range(repeats))
+    return times[len(times) // 2]
 
 
 def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]:
@@ -127,8 +145,9 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
     records = []
     bar = _progress(len(phases), progress)
     for policy, budget in phases:
+        lone = lone_ttft(llm, prompts[0], policy, budget)
         m = run_phase(llm, prompts, policy, budget, spec.max_tokens, policy)
-        records.append({"policy": policy, "budget": budget, **m})
+        records.append({"policy": policy, "budget": budget, "lone_ttft_s": lone, **m})
         bar(f"{policy}: {m['peak_running']} running, {m['output_tok_s']:.1f} tok/s")
     base = records[0]
     for rec in records:
@@ -136,6 +155,8 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
             "peak_running": rec["peak_running"] / base["peak_running"],
             "output_tok_s": rec["output_tok_s"] / base["output_tok_s"],
             "blocks_per_request": rec["blocks_per_request"] / base["blocks_per_request"],
+            "lone_ttft_s": rec["lone_ttft_s"] / base["lone_ttft_s"],
+            "itl_p50_s": rec["itl_p50_s"] / base["itl_p50_s"],
         }
     return {
         "model": model, "kv_blocks": spec.kv_blocks, "block_size": spec.block_size, "requests": spec.requests,

@@ -150,7 +150,7 @@ def run_capacity(args: argparse.Namespace) -> int:
     doc = capacity.run(spec, _model(args.model), progress=not args.no_progress)
     markdown = report.capacity_markdown(doc)
     _write(args.out, "capacity", doc, markdown)
-    plot = report.capacity_plot(doc, args.out)
+    plots = [report.capacity_plot(doc, args.out), report.capacity_timeline_plot(doc, args.out)]
     print(markdown)
-    print(f"wrote {args.out / 'capacity.json'}, {args.out / 'capacity.md'}, {plot}")
+    print(f"wrote {args.out / 'capacity.json'}, {args.out / 'capacity.md'}, {', '.join(str(p) for p in plots if p)}")
     return 0

@@ -174,15 +174,46 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
              f"{doc.get('prompt_len', '?')} prompt + {doc.get('max_tokens', '?')} output tokens, all submitted at once.",
              "",
              "| policy | budget | blocks/request | peak running | output tok/s | TTFT p50 / p95 (s) | ITL p50 / p95 (s) "
-             "| x concurrency | x throughput |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| x concurrency | x throughput | x ITL p50 | lone TTFT (s) | compaction (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["records"]:
         ratio = r["ratio_vs_none"]
+        lone = (f"{r['lone_ttft_s']:.2f} (x{ratio['lone_ttft_s']:.2f})" if "lone_ttft_s" in r else "-")
+        itl = f"{ratio['itl_p50_s']:.2f}" if "itl_p50_s" in ratio else "-"
+        compaction = f"{r['compaction_s']:.2f}" if "compaction_s" in r else "-"
         lines.append(
             f"| {r['policy']} | {_fmt_budget(r['budget'])} | {r['blocks_per_request']:.1f} | {r['peak_running']} | "
             f"{r['output_tok_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
-            f"{r['itl_p50_s']:.3f} / {r['itl_p95_s']:.3f} | {ratio['peak_running']:.2f} | {ratio['output_tok_s']:.2f} |")
+            f"{r['itl_p50_s']:.3f} / {r['itl_p95_s']:.3f} | {ratio['peak_running']:.2f} | {ratio['output_tok_s']:.2f} | "
+            f"{itl} | {lone} | {compaction} |")
     return "\n".join(lines) + "\n"
+
+
+def capacity_timeline_plot(doc: dict[str, Any], out_dir: Path) -> Path | None:
+    """capacity_timeline.png: running requests and KV blocks in use over each policy's run (why a ratio is
+    what it is: how many fit, and how long the prefills hold the pool). None without timelines."""
+    recs = [r for r in doc["records"] if r.get("timeline")]
+    if not recs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for r in recs:
+        t, running, _waiting, blocks = zip(*r["timeline"])
+        label = r["policy"] if r["budget"] is None else f"{r['policy']} @{_fmt_budget(r['budget'])}"
+        axes[0].step(t, running, where="post", label=label)
+        axes[1].step(t, blocks, where="post", label=label)
+    axes[0].set_title("running requests", fontsize=9)
+    axes[1].set_title(f"KV blocks in use (pool {doc['kv_blocks']})", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("seconds since submission", fontsize=8)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{doc.get('requests')} x {doc.get('prompt_len')}-token prompts, {doc.get('max_tokens')} output "
+                 "tokens each", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "capacity_timeline.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def capacity_plot(doc: dict[str, Any], out_dir: Path) -> Path:

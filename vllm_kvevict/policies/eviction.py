@@ -60,7 +60,9 @@ class EvictionPolicy(Policy):
         self.floor_alpha = float(self.params.get("floor_alpha", 0.0))
         self.ada_mode = str(self.params.get("ada_mode", "exact"))
         self.prefill_chunk = 0  # PER_PREFILL_CHUNK policies: prompt tokens between compactions
-        self.decode_interval = 0  # re-compact the tail every this many generated tokens (0: never)
+        # re-compact the tail every this many generated tokens (0: never; a policy offers it by listing
+        # params.decode_interval() in its param_specs)
+        self.decode_interval = int(self.params.get("decode_interval", 0))
 
     def declare(self) -> Declaration:
         return Declaration(self.trigger, self.needs, self.layout, self.layer_budget, self.prefill_chunk,

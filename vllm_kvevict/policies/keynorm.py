@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvevict.policies.eviction import EvictionPolicy
-from vllm_kvevict.policies.params import MAX_TOKENS, MIN_PROMPT_LEN, Param, sink_tokens
+from vllm_kvevict.policies.params import MAX_TOKENS, MIN_PROMPT_LEN, Param, decode_interval, sink_tokens
 from vllm_kvevict.policies.plan import LayerView
 
 
@@ -24,6 +24,7 @@ class KeyNorm(EvictionPolicy):
     param_specs = (
         sink_tokens(0), MIN_PROMPT_LEN,
         Param("recent_tokens", int, 32, "last prompt tokens always kept (the question)", 0, MAX_TOKENS),
+        decode_interval(),
     )
 
     def recent_tokens(self, num_tokens: int) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 from vllm_kvevict.policies.attention import pool_scores
 from vllm_kvevict.policies.declaration import Need, Trigger
 from vllm_kvevict.policies.eviction import EvictionPolicy
-from vllm_kvevict.policies.params import MAX_TOKENS, MIN_PROMPT_LEN, Param, sink_tokens
+from vllm_kvevict.policies.params import MAX_TOKENS, MIN_PROMPT_LEN, Param, decode_interval, sink_tokens
 from vllm_kvevict.policies.plan import LayerView
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "locret"
@@ -143,6 +143,7 @@ class Locret(EvictionPolicy):
         # ours, not the paper's: pooling keeps a scored token's neighbours (a number's digits) with it
         Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off)", 1, 255),
         Param("weights", str, None, "retaining-head weights file (default: the shipped ones)", optional=True),
+        decode_interval(),
     )
     trigger = Trigger.PER_PREFILL_CHUNK
     needs = frozenset({Need.PRE_ROPE_QKV})

@@ -21,7 +21,7 @@ from vllm_kvevict.policies.attention import window_attention
 from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
-from vllm_kvevict.policies.params import GQA_REDUCE, MIN_PROMPT_LEN, Param, sink_tokens
+from vllm_kvevict.policies.params import GQA_REDUCE, MIN_PROMPT_LEN, Param, decode_interval, sink_tokens
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.topk import topk_per_head
 
@@ -36,6 +36,7 @@ class NACL(EvictionPolicy):
         # [EXT] 0.12 proxy + 0.07 random of T: 7/19 of the selectable slots are sampled
         Param("random_fraction", float, 0.37, "share of each head's slots filled by random sampling", 0.0, 1.0),
         Param("seed", int, 0, "seed of the random eviction (same seed, same plan)", 0, 2**62),
+        decode_interval(),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
 

@@ -107,6 +107,13 @@ def window(default: int = 32) -> Param:
                  1, MAX_TOKENS)
 
 
+def decode_interval(default: int = 0) -> Param:
+    """Re-compaction during decode (the core moves the grown tail back into the budget)."""
+    return Param("decode_interval", int, default,
+                 "generated tokens the tail may grow before it is re-compacted into the budget (0: never)",
+                 0, MAX_TOKENS)
+
+
 def sink_tokens(default: int) -> Param:
     return Param("sink_tokens", int, default, "first tokens that are never evicted (attention sinks)", 0, MAX_TOKENS)
 

@@ -20,7 +20,8 @@ from vllm_kvevict.policies.attention import pool_scores, window_attention
 from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
-from vllm_kvevict.policies.params import GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOLING, sink_tokens, window
+from vllm_kvevict.policies.params import (
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOLING, decode_interval, sink_tokens, window)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import PYRAMID_BETA
 
@@ -30,7 +31,7 @@ SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, GQA_REDUCE, MIN_PROMPT_LEN, sink_
 class SnapKV(EvictionPolicy):
     name = "snapkv"
     description = "observation-window attention, max-pooled, uniform per head; once after prefill"
-    param_specs = SNAP_PARAMS
+    param_specs = SNAP_PARAMS + (decode_interval(),)
     needs = frozenset({Need.WINDOW_QUERIES})
 
     def __init__(self, budget, params):
@@ -60,7 +61,7 @@ class SnapKV(EvictionPolicy):
 class PyramidKV(SnapKV):
     name = "pyramidkv"
     description = "snapkv with a pyramid per-layer budget schedule"
-    param_specs = SNAP_PARAMS + (PYRAMID_BETA,)
+    param_specs = SNAP_PARAMS + (PYRAMID_BETA, decode_interval())
     layer_budget = LayerBudget.PYRAMID
 
 

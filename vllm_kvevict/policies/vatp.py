@@ -21,7 +21,7 @@ from vllm_kvevict.policies.attention import window_attention
 from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
-from vllm_kvevict.policies.params import GQA_REDUCE, MAX_TOKENS, MIN_PROMPT_LEN, Param, sink_tokens, window
+from vllm_kvevict.policies.params import GQA_REDUCE, MIN_PROMPT_LEN, Param, decode_interval, sink_tokens, window
 from vllm_kvevict.policies.plan import LayerView
 
 
@@ -42,7 +42,7 @@ class VATP(EvictionPolicy):
         window(), GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(20),  # [EXT] README: sink_len 20
         Param("vatp_mode", str, "window", "attention over the window (Scissorhands) or all queries (H2O)",
               choices=("window", "accumulate")),
-        Param("decode_interval", int, 128, "decode tokens the tail may grow before re-compaction", 1, MAX_TOKENS),
+        decode_interval(128),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
 
@@ -50,7 +50,6 @@ class VATP(EvictionPolicy):
         super().__init__(budget, params)
         self.window = int(self.params["window"])
         self.mode = str(self.params["vatp_mode"])
-        self.decode_interval = int(self.params["decode_interval"])
 
     def query_window(self, num_tokens: int) -> int:
         return num_tokens if self.mode == "accumulate" else min(self.window, num_tokens)

@@ -55,6 +55,7 @@ class EvictionCounters:
     kept_ratios: deque = field(default_factory=lambda: deque(maxlen=4096))  # the latest (policy, ratio)
     selection_hits: dict[str, int] = field(default_factory=dict)
     selection_misses: dict[str, int] = field(default_factory=dict)
+    compaction_seconds: dict[str, float] = field(default_factory=dict)  # worker time, summed
     _pending: list[list[Any]] = field(default_factory=list, repr=False)
     _pending_selection: list[list[Any]] = field(default_factory=list, repr=False)
     _pending_times: list[list[Any]] = field(default_factory=list, repr=False)
@@ -71,7 +72,9 @@ class EvictionCounters:
     def add_worker_report(self, report: dict[str, list[list[Any]]]) -> None:
         """One step's report from the worker (core.state.WorkerReport.drain)."""
         self.add_selection(report.get("selection", ()))
-        self._pending_times.extend([policy, float(seconds)] for policy, seconds in report.get("compaction_s", ()))
+        for policy, seconds in report.get("compaction_s", ()):
+            self.compaction_seconds[policy] = self.compaction_seconds.get(policy, 0.0) + float(seconds)
+            self._pending_times.append([policy, float(seconds)])
 
     def add_selection(self, counts) -> None:
         """Selection counts: [[policy, hits, misses, [selected, ...]], ...]."""
