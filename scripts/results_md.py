@@ -77,6 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=Path, default=ROOT / "docs/results/eval")
     ap.add_argument("--capacity", type=Path, default=ROOT / "docs/results/capacity")
+    ap.add_argument("--capacity-decode", type=Path, default=ROOT / "docs/results/capacity_decode",
+                    help="the decode-heavy capacity run (skipped when absent)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results.md")
     args = ap.parse_args()
     ev = json.loads((args.eval / "eval.json").read_text())
@@ -112,8 +114,22 @@ def main() -> None:
         "", f"![needle depth]({rel(args.eval)}/needle_depth.png)", "",
         "<details><summary>Every task, every cell</summary>", "", eval_markdown(ev), "</details>", "",
         "## Capacity under memory pressure", "",
+        "Prefill-heavy (128 output tokens per 2K prompt): the run's time is mostly prefill, the same work "
+        "for every policy, so eviction's extra concurrency moves throughput little.", "",
         capacity_markdown(cap), f"![capacity]({rel(args.capacity)}/capacity.png)", "",
     ]
+    decode_json = args.capacity_decode / "capacity.json"
+    if decode_json.is_file():
+        dec = json.loads(decode_json.read_text())
+        ds = dec["spec"]
+        lines += [
+            "### Decode-heavy", "",
+            "    " + f"vllm-kvevict bench capacity --policies {','.join(ds['policies'])} --budget "
+            f"{_fmt_budget(ds['budget'])} --kv-blocks {ds['kv_blocks']} --requests {ds['requests']} --prompt-len "
+            f"{ds['prompt_len']} --max-tokens {ds['max_tokens']} --out {rel(args.capacity_decode)}", "",
+            capacity_markdown(dec), f"![capacity]({rel(args.capacity_decode)}/capacity.png)", "",
+            f"![running requests and KV blocks over time]({rel(args.capacity_decode)}/capacity_timeline.png)", "",
+        ]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 

@@ -12,7 +12,7 @@ The engine is stepped here (in-process engine core), so every step can read the 
     itl_*                time between a request's consecutive output tokens, p50 / p95
     compaction_s         worker time compacting (scoring, selection, moving KV; all requests, all layers)
     lone_ttft_s          TTFT of one request alone on the idle engine (median of 3): compaction's cost
-    timeline             [seconds, running, waiting, KV blocks in use] after every step (the plot)
+    timeline             [seconds, running, waiting, KV blocks in use] after each step that changed them
 
 Ratios are to `none` measured in the same run on the same engine. Eviction pays only when the pool
 cannot hold every request's full prompt: pick `kv_blocks` so that `none` runs few at a time.
@@ -99,8 +99,9 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
         outputs = engine.step()
         now = time.perf_counter()
         peak_running = max(peak_running, len(sched.running))
-        timeline.append([round(now - start, 3), len(sched.running), len(sched.waiting),
-                         total_blocks - pool.get_num_free_blocks()])
+        point = [len(sched.running), len(sched.waiting), total_blocks - pool.get_num_free_blocks()]
+        if not timeline or timeline[-1][1:] != point:  # a step function: record the changes only
+            timeline.append([round(now - start, 3), *point])
         for out in outputs:
             times = token_times.setdefault(out.request_id, [])
             times.extend([now] * (len(out.outputs[0].token_ids) - len(times)))
