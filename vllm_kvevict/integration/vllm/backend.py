@@ -6,7 +6,8 @@ the resulting `StepPlan` rides on the metadata as `.kvevict`. Positions and slot
 Impl: around vLLM's own kernel, the layer's `LayerEviction` captures, scores, replaces the output of
 rows it attends to itself, and compacts. Each backend names its cache-layout adapter.
 
-The CPU_ATTN one is here; `triton_backend.py` has TRITON_ATTN's.
+The CPU_ATTN one is here (torch twins, and vLLM's CPU kernel for lane attention: `cpu_lanes.py`);
+`triton_backend.py` has TRITON_ATTN's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm_kvevict.core.adapter import TORCH_CPU, CacheAdapter
 from vllm_kvevict.core.eviction import LayerEviction, plan_step
 from vllm_kvevict.core.state import worker_state
+from vllm_kvevict.integration.vllm.cpu_lanes import cpu_adapter
 from vllm_kvevict.paged.cache_layout import check_cpu_isa
 
 
@@ -89,6 +91,7 @@ class KVEvictCPUImpl(EvictionImplMixin, CPUAttentionBackendImpl):
 
     def check_layer(self, layer) -> None:
         check_cpu_isa(layer.isa)
+        self.cache_adapter = cpu_adapter(layer.isa)  # lanes through vLLM's CPU kernel (cpu_lanes.py)
 
 
 class KVEvictCPUBackend(CPUAttentionBackend):

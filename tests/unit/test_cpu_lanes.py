@@ -1,0 +1,60 @@
+"""Lane attention through vLLM's CPU kernel (integration/vllm/cpu_lanes.py) against the torch twin it
+replaces on the CPU path (paged/lanes.py), on CPU_ATTN's real cache layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvevict.paged.cache_layout import cpu_views
+from vllm_kvevict.paged.lanes import lane_attention, lane_sequences
+
+BS, DIM = 32, 64
+
+
+def ragged_batch(lengths, queries_per_row, tail_pos, seed=0, heads=3, group=3):
+    """Rows with lanes of the given per-head lengths (2 compacted blocks each) and a tail; returns the
+    cache and lane_attention's arguments."""
+    g = torch.Generator().manual_seed(seed)
+    rows = len(lengths)
+    num_blocks = 8 * rows + 4
+    cache = torch.randn(num_blocks, heads, BS, 2 * DIM, generator=g)
+    keys, values = cpu_views(cache)
+    lens = torch.tensor(lengths)
+    lanes = -(-lens // BS)
+    starts = torch.cumsum(lanes, 1) - lanes
+    table = torch.randperm(num_blocks, generator=g)[: 8 * rows].view(rows, 8).int()
+    compacted = -(-lanes.sum(1) // heads)
+    req = torch.repeat_interleave(torch.arange(rows), torch.tensor(queries_per_row))
+    pos = torch.cat([torch.arange(p - n + 1, p + 1) for n, p in zip(queries_per_row, tail_pos)])
+    query = torch.randn(len(req), heads * group, DIM, generator=g)
+    return cache, (query, keys, values, table, starts, lens, compacted, req, pos, 0.125)
+
+
+@pytest.mark.parametrize("queries_per_row", [[1, 1, 1], [3, 1, 5]])
+def test_vllm_kernel_equals_the_twin_on_full_lanes(queries_per_row):
+    from vllm_kvevict.integration.vllm.cpu_lanes import vllm_lane_attention
+
+    lengths = [[32, 64, 96], [128, 32, 32], [64, 64, 64]]  # whole lanes, ragged across heads
+    _, args = ragged_batch(lengths, queries_per_row, tail_pos=[40, 7, 70])
+    assert lane_sequences(*args[3:9], num_kv=3, block_size=BS) is not None
+    want = lane_attention(*args)
+    got = vllm_lane_attention(*args, isa="vec")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_partial_lane_falls_back_to_the_twin():
+    from vllm_kvevict.integration.vllm.cpu_lanes import vllm_lane_attention
+
+    _, args = ragged_batch([[30, 64, 96], [32, 32, 32]], [1, 1], tail_pos=[5, 9])
+    assert lane_sequences(*args[3:9], num_kv=3, block_size=BS) is None  # head 0 of row 0: 30 of 32 slots
+    torch.testing.assert_close(vllm_lane_attention(*args, isa="vec"), lane_attention(*args))
+
+
+def test_a_copied_cache_is_not_read_through_the_lane_view():
+    from vllm_kvevict.integration.vllm.cpu_lanes import _lane_view
+
+    cache, args = ragged_batch([[32, 32, 32]], [1], tail_pos=[3])
+    keys, values = args[1], args[2]
+    assert _lane_view(keys, values) is not None
+    assert _lane_view(keys.contiguous(), values.contiguous()) is None  # not CPU_ATTN's layout: the twin runs
