@@ -7,7 +7,7 @@ profiled with cProfile. Prints (and with --out writes) a Markdown table: ms per 
 
 Parts are cumulative times of named functions (nested parts are not subtracted from `engine step`):
 `model forward` is vLLM's whole forward (attention included), `attention (vLLM kernel)` the backend's
-own kernel, `core: lanes` / `core: plan` ours, `schedule` + `update` the scheduler's bookkeeping.
+own kernel, the `core:` rows ours, `schedule` + `update` the scheduler's bookkeeping.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ PARTS = [
     ("attention (vLLM kernel)", "v1/attention/backends/cpu_attn.py", "forward"),
     ("core: plan_step (metadata)", "core/eviction.py", "plan_step"),
     ("core: after_attention", "core/eviction.py", "after_attention"),
-    ("core: lane attention", "paged/lanes.py", "lane_attention"),
+    ("core: lanes on vLLM's kernel", "integration/vllm/cpu_lanes.py", "vllm_lane_attention"),
+    ("core: lane sequences (addresses)", "paged/lanes.py", "lane_sequences"),
+    ("core: lane attention (torch twin)", "paged/lanes.py", "lane_attention"),
     ("sampling", "v1/worker/gpu_model_runner.py", "_sample"),
 ]
 
