@@ -74,6 +74,12 @@ def test_per_request_override_of_a_server_config():
     assert (same.policy, same.budget, same.get("floor_alpha")) == ("ada-snapkv", 128, 0.4)
     switched = PolicyConfig.from_dict({"kv_policy": "snapkv"}, base=server)
     assert (switched.policy, switched.budget, switched.get("window")) == ("snapkv", 512, 16)
+    # a parameter the server left at its policy's default is not imposed on another policy
+    vatp = PolicyConfig.from_dict({"kv_policy": "vatp"}, base=PolicyConfig.from_dict({"policy": "snapkv"}))
+    assert (vatp.get("sink_tokens"), vatp.get("decode_interval")) == (20, 128)
+    set_here = PolicyConfig.from_dict({"policy": "snapkv", "sink_tokens": 8, "decode_interval": 256})
+    vatp = PolicyConfig.from_dict({"kv_policy": "vatp"}, base=set_here)
+    assert (vatp.get("sink_tokens"), vatp.get("decode_interval")) == (8, 256)  # what the operator set is kept
     off = PolicyConfig.from_dict({"kv_policy": "none"}, base=server)
     assert off.policy == "none" and off.build() is None
     with pytest.raises(ValueError, match="floor_alpha"):

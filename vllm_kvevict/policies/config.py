@@ -52,8 +52,10 @@ class PolicyConfig:
     def from_dict(cls, data: Mapping[str, Any], base: PolicyConfig | None = None) -> PolicyConfig:
         """Build from a flat mapping; with `base`, the mapping overrides it (per-request overrides).
 
-        Switching policy keeps the base's budget (when the new policy has one) and drops parameters
-        the new policy does not take; explicitly given ones must apply.
+        Switching policy keeps the base's budget (when the new policy has one) and those of the base's
+        parameters the operator set (not left at the base policy's default) that the new policy takes;
+        the rest are the new policy's own defaults (a `vatp` request on a `snapkv` server keeps vatp's
+        20 sinks and decode interval). Explicitly given parameters must apply.
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"a policy configuration must be a mapping, got {type(data).__name__}")
@@ -66,7 +68,9 @@ class PolicyConfig:
             return cls(policy or "none", budget, tuple(flat.items()))
         policy = policy or base.policy
         spec = get_spec(policy)
-        inherited = {k: v for k, v in base.params if spec.param(k) is not None}
+        base_spec = get_spec(base.policy)
+        inherited = {k: v for k, v in base.params if spec.param(k) is not None
+                     and (policy == base.policy or v != base_spec.param(k).default)}
         inherited.update(flat)
         if budget is None and spec.kind != "none":
             budget = base.budget if get_spec(base.policy).kind == spec.kind else None
