@@ -117,3 +117,14 @@ def test_yaml_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("text, value", [("256", 256), (" 0.25 ", 0.25), ("1.0", 1.0), ("1e-1", 0.1)])
 def test_parse_budget_strings(text, value):
     assert parse_budget(text) == value
+
+
+def test_declarations_say_whether_layers_keep_different_counts():
+    from vllm_kvevict.policies.declaration import LayerBudget
+    from vllm_kvevict.policies.registry import names
+
+    for name in names("evict"):
+        decl = PolicyConfig(name).build().declaration
+        assert decl.layers_differ == (decl.layer_budget is LayerBudget.PYRAMID), name
+    assert PolicyConfig("pyramidkv").build().declaration.layers_differ
+    assert not PolicyConfig("snapkv").build().declaration.layers_differ

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_kvevict.bench import loadtest
+    from vllm_kvevict.bench import loadtest, loadtest_report
 
     kwargs = dict(loadtest.QUICK) if args.quick else {}
     for f in fields(loadtest.LoadSpec):
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs[f.name] = tuple(value) if isinstance(value, list) else value
     spec = loadtest.LoadSpec(**kwargs)
     report = loadtest.run(spec, args.out)
-    table = loadtest.markdown(report)
+    table = loadtest_report.markdown(report)
     (args.out / "report.md").write_text(table + "\n")
     print(table)
     print(f"wrote {args.out / 'report.json'}, {args.out / 'report.md'}, "

@@ -66,6 +66,11 @@ class Declaration:
         return self.trigger is Trigger.PER_QUERY
 
     @property
+    def layers_differ(self) -> bool:
+        """Layers keep different counts; all share the request's block row, which holds the largest."""
+        return self.layer_budget is not LayerBudget.UNIFORM
+
+    @property
     def kind(self) -> str:
         """'select' (nothing freed) or 'evict' (the policy's kind in listings and configs)."""
         return "select" if self.selects else "evict"

@@ -23,7 +23,6 @@ from typing import Any, Mapping
 from vllm_kvevict import envs
 from vllm_kvevict.core.requests import CONFIG_KEY, build_policy, server_config
 from vllm_kvevict.integration.vllm.settings import check_servable
-from vllm_kvevict.policies.declaration import LayerBudget
 
 logger = logging.getLogger("vllm_kvevict")
 _MARK = "_kvevict_wrapped"
@@ -69,7 +68,7 @@ def configure(vllm_config) -> None:
         vllm_config.cache_config.enable_prefix_caching = False
     if config.kind != "none":
         logger.info("vllm-kvevict: KV policy %s, budget %s", config.policy, config.budget)
-        if build_policy(config).declaration.layer_budget is LayerBudget.PYRAMID:
+        if build_policy(config).declaration.layers_differ:
             logger.warning(
                 "vllm-kvevict: %s gives each layer its own budget, but all layers share a request's block row: "
                 "a request holds the blocks of its largest layer (smaller layers use fewer of them)", config.policy)
