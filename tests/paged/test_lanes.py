@@ -225,3 +225,54 @@ def test_adakv_lanes_floor_and_edge_cases():
     assert sum(adakv_allocate_lanes(peaked, 2, 8, 4)) == 2
     with pytest.raises(ValueError, match="floor_alpha=2"):
         adakv_allocate_lanes(peaked, 9, 8, 0, floor_alpha=2)
+
+
+def test_lane_candidates_address_each_heads_lanes_then_its_tail():
+    from vllm_kvevict.paged.lanes import lane_candidates
+
+    bs, lengths, tail = 4, [8, 4, 12], 6  # 6 lanes over 3 heads: 2 compacted blocks
+    lanes = LaneMap.build(lengths, bs)
+    row = torch.tensor([7, 3, 9, 1, 5, 8])  # [2 compacted | tail blocks]
+    (block, lane, slot), real = lane_candidates(row, torch.tensor(lanes.starts), torch.tensor(lengths), 2, tail, bs)
+    assert block.shape == (3, 12 + tail)
+    for h, n in enumerate(lengths):
+        r, ln, sl = lanes.addresses(h)
+        assert torch.equal(block[h, :n], row[r]) and torch.equal(lane[h, :n], ln) and torch.equal(slot[h, :n], sl)
+        assert not real[h, n:12].any() and real[h, :n].all() and real[h, 12:].all()
+        t = torch.arange(tail)
+        assert torch.equal(block[h, 12:], row[2 + t // bs]) and (lane[h, 12:] == h).all()
+        assert torch.equal(slot[h, 12:], t % bs)
+
+
+def test_replan_lanes_scores_a_padded_view_like_each_head_alone():
+    """A masked padded view scores every head as if its own tokens were the whole view (padding takes no
+    attention), and each head keeps exactly its count: the window first, then its best."""
+    from vllm_kvevict.policies.config import PolicyConfig
+    from vllm_kvevict.policies.plan import LayerView
+
+    g = torch.Generator().manual_seed(3)
+    lengths, tail, D = [40, 16], 20, 8
+    longest = max(lengths)
+    keys, values = torch.randn(2, longest + tail, D, generator=g), torch.randn(2, longest + tail, D, generator=g)
+    real = torch.ones(2, longest + tail, dtype=torch.bool)
+    real[1, 16:longest] = False
+    queries = torch.randn(4, 6, D, generator=g)  # the last 6 tail positions
+    policy = PolicyConfig.from_dict({"policy": "ada-snapkv", "budget": 32, "window": 6, "pooling": "none"}).build()
+    padded = policy.score(LayerView(keys, values, queries, key_mask=real))
+    for h in range(2):
+        own = real[h].nonzero().flatten()
+        alone = policy.score(LayerView(keys[h : h + 1, own], values[h : h + 1, own], queries[2 * h : 2 * h + 2]))
+        torch.testing.assert_close(padded[h, own], alone[0])
+        assert float(padded[h, ~real[h]].abs().sum()) == 0.0
+    region = longest + tail - 4  # the last 4 positions stay in the tail
+    plan = policy.replan_lanes(LayerView(keys, values, queries, key_mask=real), region, lengths)
+    assert plan.lengths == lengths
+    for h in range(2):
+        kept = set(plan.indices[h].tolist())
+        assert set(range(region - 2, region)) <= kept  # the window's part inside the region
+        assert all(real[h, p] and p < region for p in kept)
+        rest = [p for p in real[h].nonzero().flatten().tolist() if p < region - 2 and p not in kept]
+        worst_kept = min(float(padded[h, p]) for p in kept if p < region - 2)
+        assert all(float(padded[h, p]) <= worst_kept for p in rest)
+    with pytest.raises(ValueError, match="exceed"):
+        policy.replan_lanes(LayerView(keys, values, queries, key_mask=real), 20, [40, 16])

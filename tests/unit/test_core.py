@@ -161,3 +161,54 @@ def test_decode_rows_select_in_one_batch_like_the_dense_policy():
     layer.after_attention(plan, query, cache, out)  # the same queries again: both rows hit
     report = state.report.drain()["selection"]
     assert report[0][:3] == ["tokenselect", 2, 2] and report[0][3] == [8 + 32 + 16, 8 + 32 + 16]
+
+
+def test_a_head_lane_request_refills_its_lanes_at_decode_time_points():
+    """ada-snapkv with decode_interval=32 (two blocks): at KV length 400 + 32 every head keeps its lane
+    count and refills its lanes with its best tokens among them and the 32-token tail; the lanes then hold
+    exactly the K/V of the logical positions the kept log reports, the tail's window among them, and the
+    next decode step attends over [refilled lanes | new tail] like the naive per-head reference."""
+    from vllm_kvevict.core.state import KeptLog
+
+    prompt, interval = 400, 32
+    cache, row, k, v, gen = _cache_with_prompt(prompt + interval + 1, seed=11)
+    keys, values = cpu_views(cache)
+    state = WorkerState()
+    state.kept = KeptLog()
+    layer = LayerEviction(0, TORCH_CPU, DIM**-0.5, state)
+    table = row[None].clone()
+    all_q = torch.randn(prompt + interval + 1, HKV * GROUP, DIM, generator=gen) * 0.1 + 1.0
+
+    def step(computed: int, scheduled: int) -> tuple:
+        r = _row("r", "ada-snapkv", 96, prompt, computed, scheduled, window=8, decode_interval=interval)
+        plan, lens, physical = plan_step(StepContext((r,), 1), [0, scheduled], torch.tensor([computed + scheduled]),
+                                         table, state)
+        q = all_q[computed : computed + scheduled]
+        out = torch.zeros(scheduled, HKV * GROUP * DIM)
+        layer.before_attention(plan, q)
+        layer.after_attention(plan, q, cache, out)
+        return r, physical, out
+
+    r, _, _ = step(0, prompt)
+    comp = r.plan.compaction
+    assert comp.interval_blocks == 2 and comp.point(1) == prompt + interval
+    before = [p.clone() for p in state.kept.items[("r", 0)]]
+    lengths = state.lanes.get("r")[0, 1].tolist()
+    for pos in range(prompt, prompt + interval):  # decode up to the point; the last step reaches it
+        step(pos, 1)
+    after = state.kept.items[("r", 0)]
+    assert state.lanes.get("r")[0, 1].tolist() == lengths  # lane counts stay
+    lanes = LaneMap.build(lengths, BS)
+    for h in range(HKV):
+        assert after[h].numel() == lengths[h] and torch.equal(after[h], torch.sort(after[h]).values)
+        assert set(range(prompt + interval - 8, prompt + interval)) <= set(after[h].tolist())  # the window
+        old = set(after[h].tolist()) - set(range(prompt, prompt + interval))
+        assert old <= set(before[h].tolist()) and len(old) < len(before[h])  # some old tokens made room
+        r_, lane, slot = lanes.addresses(h)
+        assert torch.equal(keys[row[r_], lane, slot], k[h, after[h]])  # the lanes hold what the log says
+        assert torch.equal(values[row[r_], lane, slot], v[h, after[h]])
+    # the next step reads the refilled lanes, then the tail from C_1 = 432
+    r, physical, out = step(prompt + interval, 1)
+    assert r.epoch == 1
+    want = lane_attention_row(all_q[-1:], keys, values, physical[0], lanes, comp.kept_blocks, 1, DIM**-0.5)
+    torch.testing.assert_close(out.view_as(want), want, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@
 
 How the policy chooses comes from its declaration: Need.PRE_ROPE_QKV policies by the scores remembered
 with the kept tokens and those computed since (`retain`); the others from a dense view of the region
-and the captured window queries (`plan_rect`, or `plan_lanes` for KeptLayout.HEAD_LANES).
+and the captured window queries (`plan_rect`, or `plan_lanes` for KeptLayout.HEAD_LANES; at decode-time
+points a head-lane request keeps each head's lane count and refills its lanes, `replan_lanes`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from vllm_kvevict.core.step import RowInfo
 from vllm_kvevict.paged.compact import rect_addresses
-from vllm_kvevict.paged.lanes import LaneMap, pack_addresses
+from vllm_kvevict.paged.lanes import LaneMap, lane_candidates, pack_addresses, refill_addresses
 from vllm_kvevict.paged.layout import layer_lanes, physical_rows
 from vllm_kvevict.policies.declaration import KeptLayout, Need
 from vllm_kvevict.policies.plan import LayerView
@@ -45,10 +46,12 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
         kept = _retained(layer, row, k, region)
         layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size))
         _log(layer, row, list(kept), k)
+    elif decl.layout is KeptLayout.HEAD_LANES and k > 0:
+        _refill_lanes(layer, row, physical_row, keys, values, k, region, num_layers)
     else:
         view = _dense_view(layer, row, physical_row, keys, values, comp.physical_len(target, prev), prev, num_layers)
         policy = row.plan.policy
-        if k == 0 and decl.layout is KeptLayout.HEAD_LANES:
+        if decl.layout is KeptLayout.HEAD_LANES:
             prompt = comp.prompt_len
             total = layer_lanes(comp, keys.shape[1], policy.tokens_per_head(prompt, layer.layer, num_layers),
                                 policy.max_tokens_per_head(prompt, num_layers))
@@ -68,22 +71,51 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
     layer.state.report.record_compaction(row.plan.config.policy, row.req_id, time.perf_counter() - start)
 
 
-def _log(layer: LayerEviction, row: RowInfo, physical: list[torch.Tensor], k: int) -> None:
+def _refill_lanes(layer: LayerEviction, row: RowInfo, physical_row: torch.Tensor, keys: torch.Tensor,
+                  values: torch.Tensor, k: int, region: int, num_layers: int) -> None:
+    """Decode-time point k >= 1 in the head-lane layout: every head keeps its lane count (the prompt's
+    allocation) and refills its lanes with its best tokens among its lanes and the tail since C_(k-1),
+    scored in one padded view (`lanes.lane_candidates`). The request's blocks stay as they are."""
+    comp = row.plan.compaction
+    starts, lengths = layer.state.lanes.get(row.req_id)[layer.layer].cpu()
+    compacted = comp.kept_blocks * comp.block_size
+    longest = int(lengths.max())
+    tail_len = comp.physical_len(row.target, k - 1) - compacted
+    grid, real = lane_candidates(physical_row, starts, lengths, comp.kept_blocks, tail_len, comp.block_size)
+    queries, first = _window_queries(layer, row)
+    view = LayerView(keys[grid], values[grid], queries, layer=layer.layer, num_layers=num_layers, key_mask=real,
+                     query_start=None if first is None else longest + comp.physical_len(first, k - 1) - compacted)
+    plan = row.plan.policy.replan_lanes(view, longest + region - compacted, lengths.tolist())
+    lanes = LaneMap(tuple(starts.tolist()), tuple(lengths.tolist()), comp.block_size)
+    layer.adapter.move_tokens(keys, values, *refill_addresses(physical_row, grid, plan.indices, lanes))
+    _log(layer, row, plan.indices, k, kept_tokens=longest)
+
+
+def _log(layer: LayerEviction, row: RowInfo, physical: list[torch.Tensor], k: int,
+         kept_tokens: int | None = None) -> None:
+    """Record what each head kept; positions below `kept_tokens` (default: the compacted region's) are the
+    previous kept tokens in order, the rest the tail's."""
     if layer.state.kept is not None:
         comp = row.plan.compaction
         new_start = 0 if k == 0 else comp.tail_block(k - 1) * comp.block_size
-        layer.state.kept.record(row.req_id, layer.layer, physical, comp.kept_tokens, new_start, first=k == 0)
+        kept_tokens = comp.kept_tokens if kept_tokens is None else kept_tokens
+        layer.state.kept.record(row.req_id, layer.layer, physical, kept_tokens, new_start, first=k == 0)
+
+
+def _window_queries(layer: LayerEviction, row: RowInfo) -> tuple[torch.Tensor | None, int | None]:
+    """The captured window queries [H_q, W, D] and the logical position of the first (None, None: none)."""
+    chunks = layer.state.queries.pop(row.req_id, layer.layer)
+    if not chunks:
+        return None, None
+    return torch.cat([c for _, c in chunks], dim=0).transpose(0, 1), chunks[0][0]
 
 
 def _dense_view(layer: LayerEviction, row: RowInfo, physical_row: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor, num_tokens: int, prev: int, num_layers: int) -> LayerView:
     comp = row.plan.compaction
     dense_k, dense_v = layer.adapter.gather_dense(keys, values, physical_row, num_tokens)
-    chunks = layer.state.queries.pop(row.req_id, layer.layer)
-    queries = query_start = None
-    if chunks:
-        query_start = comp.physical_len(chunks[0][0], prev)
-        queries = torch.cat([c for _, c in chunks], dim=0).transpose(0, 1)  # [H_q, W, D]
+    queries, first = _window_queries(layer, row)
+    query_start = None if first is None else comp.physical_len(first, prev)
     return LayerView(dense_k, dense_v, queries, query_start=query_start, layer=layer.layer, num_layers=num_layers)
 
 

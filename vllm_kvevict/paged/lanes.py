@@ -93,15 +93,33 @@ def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneM
     if len(kept) != lanes.num_heads:
         raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}")
     block_size = lanes.block_size
-    src, dst = [], []
+    src = []
     for h, pos in enumerate(kept):
         if pos.numel() != lanes.lengths[h]:
             raise ValueError(f"head {h} keeps {pos.numel()} tokens, its lanes hold {lanes.lengths[h]}")
         pos = pos.to(row.device).long()
         src.append((row[pos // block_size].long(), torch.full_like(pos, h), pos % block_size))
+    return tuple(torch.cat(parts) for parts in zip(*src)), _lane_destinations(row, lanes)
+
+
+def refill_addresses(row: torch.Tensor, candidates: tuple[torch.Tensor, ...], kept: Sequence[torch.Tensor],
+                     lanes: LaneMap) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """As `pack_addresses`, with sources given as positions of the `lane_candidates` grid (a decode-time
+    re-compaction: head h's kept grid positions move into its own lanes, in order)."""
+    for h, pos in enumerate(kept):
+        if pos.numel() != lanes.lengths[h]:
+            raise ValueError(f"head {h} keeps {pos.numel()} tokens, its lanes hold {lanes.lengths[h]}")
+    src = tuple(torch.cat([grid[h, pos.to(grid.device).long()] for h, pos in enumerate(kept)]) for grid in candidates)
+    return src, _lane_destinations(row, lanes)
+
+
+def _lane_destinations(row: torch.Tensor, lanes: LaneMap) -> tuple[torch.Tensor, ...]:
+    """(block, lane, slot) of every head's lane slots, heads concatenated, in order."""
+    dst = []
+    for h in range(lanes.num_heads):
         r, lane, slot = (t.to(row.device) for t in lanes.addresses(h))
         dst.append((row[r].long(), lane, slot))
-    return tuple(torch.cat(parts) for parts in zip(*src)), tuple(torch.cat(parts) for parts in zip(*dst))
+    return tuple(torch.cat(parts) for parts in zip(*dst))
 
 
 def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept: Sequence[torch.Tensor],
@@ -114,6 +132,35 @@ def pack_lanes(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, kept
     if keys.shape[1] != lanes.num_heads:
         raise ValueError(f"the lane map has {lanes.num_heads} heads, the cache {keys.shape[1]}")
     move_tokens(keys, values, *pack_addresses(row, kept, lanes))
+
+
+def lane_candidates(row: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, num_compacted: int,
+                    tail_len: int, block_size: int
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Addresses of every head's tokens as one padded [H_kv, P] grid, P = max length + tail_len:
+
+        head h, position p    p < len_h: its lane token p      (row[g // H_kv], g % H_kv, p % bs),
+                                                                g = start_h + p // bs
+                              len_h <= p < max len: padding     (any real address; mask False)
+                              p = max len + t: its tail token t (row[n + t // bs], h, t % bs)
+
+    So a decode-time re-compaction scores the lanes and the tail of every head in one dense view whose
+    tail starts at the same position for all heads. Returns ((block, lane, slot), mask), each [H_kv, P].
+    """
+    device = row.device
+    num_kv = lengths.numel()
+    lengths = lengths.to(device).long()
+    longest = int(lengths.max()) if num_kv else 0
+    p = torch.arange(longest + tail_len, device=device)[None, :].expand(num_kv, -1)
+    heads = torch.arange(num_kv, device=device)[:, None].expand_as(p)
+    in_lane = p < lengths[:, None]
+    lane = starts.to(device).long()[:, None] + torch.where(in_lane, p, 0) // block_size
+    t = (p - longest).clamp(min=0)
+    in_tail = p >= longest
+    block = torch.where(in_lane, row[(lane // num_kv).clamp(max=row.numel() - 1)],
+                        row[(num_compacted + t // block_size).clamp(max=row.numel() - 1)]).long()
+    slot = torch.where(in_lane, p % block_size, t % block_size)
+    return (block, torch.where(in_lane, lane % num_kv, heads), slot), in_lane | in_tail
 
 
 def gather_head(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, lanes: LaneMap, head: int,

@@ -14,13 +14,15 @@ from vllm_kvevict.policies.gqa import expand_kv
 
 
 def window_attention(
-    queries: torch.Tensor, keys: torch.Tensor, causal: bool = True, query_start: int | None = None
+    queries: torch.Tensor, keys: torch.Tensor, causal: bool = True, query_start: int | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of W prompt queries over T keys.
 
     queries [H_q, W, D] sit at positions query_start .. query_start+W-1 (default: the last W, T-W ..
     T-1); keys [H_kv, T, D]. Returns probabilities [H_q, W, T] (fp32). With `causal`, query i never
-    sees keys after its own position, as in the model.
+    sees keys after its own position, as in the model; `key_mask` [H_kv, T] (False: no key there) is
+    never seen either.
     """
     num_q, window, dim = queries.shape
     num_tokens = keys.shape[1]
@@ -33,6 +35,9 @@ def window_attention(
         q_pos = torch.arange(start, start + window, device=logits.device).unsqueeze(1)
         k_pos = torch.arange(num_tokens, device=logits.device).unsqueeze(0)
         logits = logits.masked_fill(k_pos > q_pos, float("-inf"))
+    if key_mask is not None:
+        absent = ~key_mask.to(logits.device).repeat_interleave(num_q // keys.shape[0], dim=0)  # [H_q, T]
+        logits = logits.masked_fill(absent[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

@@ -168,6 +168,29 @@ class EvictionPolicy(Policy):
         chosen = self.choose(cand_scores, keep, view)
         return KeepPlan(merge_kept(protected, candidates, chosen), region)
 
+    def replan_lanes(self, view: LayerView, region: int, lengths: list[int]) -> KeepPlan:
+        """Decode-time re-compaction in the head-lane layout: head h keeps exactly `lengths[h]` tokens
+        among its positions below `region` (its lanes, padded to the longest head's, then the tail;
+        `view.key_mask` marks the padding). Lane counts stay as the prompt's allocation made them, so
+        the lanes stay full and the request's blocks do not change; only which tokens fill them does.
+        Protected positions (sinks, the recent window) are kept first, then the best scores."""
+        num_tokens, num_heads = view.num_tokens, view.num_kv_heads
+        if len(lengths) != num_heads:
+            raise ValueError(f"lengths has {len(lengths)} heads, the view {num_heads}")
+        scores = self.score(view).float().cpu()
+        if scores.shape != (num_heads, num_tokens):
+            raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {(num_heads, num_tokens)}")
+        real = torch.ones(num_heads, num_tokens, dtype=torch.bool) if view.key_mask is None else view.key_mask.cpu()
+        real[:, min(region, num_tokens):] = False
+        protected, _ = self._region_positions(num_tokens, region)
+        scores[:, protected] = float("inf")
+        scores = scores.masked_fill(~real, float("-inf"))
+        available = real.sum(dim=1)
+        if bool((torch.tensor(lengths) > available).any()):
+            raise ValueError(f"lengths {lengths} exceed the positions each head has ({available.tolist()})")
+        kept = [torch.sort(torch.topk(scores[h], n, sorted=False).indices).values for h, n in enumerate(lengths)]
+        return KeepPlan(kept, num_tokens)
+
     def _region_positions(self, num_tokens: int, region: int) -> tuple[torch.Tensor, torch.Tensor]:
         protected, candidates = self.positions(num_tokens)
         return protected[protected < region], candidates[candidates < region]

@@ -21,6 +21,8 @@ class LayerView:
         or None when the policy needs none. Their positions are T-W .. T-1 unless query_start says.
     layer, num_layers: which layer this is, for per-layer budget schedules and seeding.
     extra: policy-specific inputs (e.g. Locret's pre-RoPE q/k/v, VATP's running scores).
+    key_mask: [H_kv, T] bool, False where a head has no key (a head-lane view pads each head's lanes to
+        the longest before the shared tail); None: every key is real.
     """
 
     keys: torch.Tensor
@@ -30,6 +32,7 @@ class LayerView:
     layer: int = 0
     num_layers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    key_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 3 or self.values.dim() != 3:
@@ -43,6 +46,8 @@ class LayerView:
                 raise ValueError(
                     f"query heads ({self.queries.shape[0]}) must be a multiple of KV heads ({self.keys.shape[0]})"
                 )
+        if self.key_mask is not None and tuple(self.key_mask.shape) != tuple(self.keys.shape[:2]):
+            raise ValueError(f"key_mask must be [H_kv, T] = {tuple(self.keys.shape[:2])}, got {tuple(self.key_mask.shape)}")
         if not 0 <= self.layer < self.num_layers:
             raise ValueError(f"layer={self.layer} must be in [0, num_layers={self.num_layers})")
 

@@ -49,7 +49,7 @@ class SnapKV(EvictionPolicy):
     def score(self, view: LayerView) -> torch.Tensor:
         if view.queries is None:
             raise ValueError(f"{self.name} needs the last {self.window} prompt queries (view.queries is None)")
-        probs = window_attention(view.queries, view.keys, query_start=view.query_start)  # [H_q, W, T]
+        probs = window_attention(view.queries, view.keys, query_start=view.query_start, key_mask=view.key_mask)
         window = probs.shape[1]
         scores = probs.mean(dim=1)  # [H_q, T]
         # pool only the part before the window, so the window's own mass does not bleed outward
@@ -68,7 +68,7 @@ class PyramidKV(SnapKV):
 class AdaSnapKV(SnapKV):
     name = "ada-snapkv"
     description = "snapkv scores + Ada-KV adaptive per-head budgets (ragged heads)"
-    param_specs = SNAP_PARAMS + (FLOOR_ALPHA, ADA_MODE)
+    param_specs = SNAP_PARAMS + (FLOOR_ALPHA, ADA_MODE, decode_interval())
     layout = KeptLayout.HEAD_LANES
     allocator = "ada"
 
@@ -76,5 +76,5 @@ class AdaSnapKV(SnapKV):
 class AdaPyramidKV(AdaSnapKV):
     name = "ada-pyramidkv"
     description = "pyramid layer schedule + Ada-KV adaptive per-head budgets"
-    param_specs = SNAP_PARAMS + (PYRAMID_BETA, FLOOR_ALPHA, ADA_MODE)
+    param_specs = SNAP_PARAMS + (PYRAMID_BETA, FLOOR_ALPHA, ADA_MODE, decode_interval())
     layer_budget = LayerBudget.PYRAMID
