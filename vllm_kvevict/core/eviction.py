@@ -19,7 +19,7 @@ TRITON_ATTN). The core reads policies' declarations only; it never asks a policy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,7 @@ class LaneBatch:
     query_req: torch.Tensor  # [Nq] its row in `tables`
     query_pos: torch.Tensor  # [Nq] its position in the tail
     longest: int  # an upper bound of the tokens one query reads (lanes + tail), known on the host
+    scratch: dict = field(default_factory=dict, compare=False)  # the adapter's step-wide memo (adapter.py)
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,5 @@ class LayerEviction:
                         out: torch.Tensor) -> None:
         """Rows compacted in the head-lane layout: attention over each head's own lanes + the tail, for all
         of them in one call (the backend's kernel only read their own tokens)."""
-        maps = lanes.lane_maps[:, self.layer]
         q = query[lanes.token_index]
-        out[lanes.token_index] = self.adapter.lane_attention(
-            q, keys, values, lanes.tables, maps[:, 0], maps[:, 1], lanes.num_compacted, lanes.query_req,
-            lanes.query_pos, self.scale, longest=lanes.longest).to(out.dtype)
+        out[lanes.token_index] = self.adapter.lane_attention(q, keys, values, lanes, self.layer, self.scale).to(out.dtype)

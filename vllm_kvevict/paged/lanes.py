@@ -257,21 +257,24 @@ class LaneSequences:
         its queries        row r's query tokens, KV head h's G query heads, the last ones of the sequence
 
     Valid only when every head's lane tokens fill whole lanes (`plan_lanes` fills them), so the tail
-    starts at a block boundary of the sequence. A backend's own paged kernel can then run it.
+    starts at a block boundary of the sequence. A backend's own paged kernel can then run it. The
+    queries do not depend on the layer; lengths and blocks do, and carry the lane maps' leading dims
+    (one step builds every layer's at once: [L, S] and [L, S, M]).
     """
 
     token: torch.Tensor  # [S_q] the batch token of each sequence query (sequence-major)
     head: torch.Tensor  # [S_q] its KV head
     query_start: torch.Tensor  # [S + 1] int32, sequence s's queries are [query_start[s], query_start[s + 1])
-    seq_lens: torch.Tensor  # [S] int32
-    block_table: torch.Tensor  # [S, M] int32 lane-block ids
+    seq_lens: torch.Tensor  # [..., S] int32
+    block_table: torch.Tensor  # [..., S, M] int32 lane-block ids
 
 
 def lane_sequences(block_table: torch.Tensor, lane_start: torch.Tensor, head_len: torch.Tensor,
                    num_compacted: torch.Tensor, query_req: torch.Tensor, query_pos: torch.Tensor,
                    num_kv: int, block_size: int) -> LaneSequences | None:
     """`lane_attention`'s arguments as per-(row, head) sequences (None: some head has a partial lane).
-    A row's query tokens must be consecutive in the batch and end at its latest tail position."""
+    lane_start, head_len: [R, H_kv], or [L, R, H_kv] for every layer of a step at once. A row's query
+    tokens must be consecutive in the batch and end at its latest tail position."""
     if bool((head_len % block_size).any()):
         return None
     device = block_table.device
@@ -281,7 +284,6 @@ def lane_sequences(block_table: torch.Tensor, lane_start: torch.Tensor, head_len
     first = torch.cumsum(counts, 0) - counts  # each row's first token
     tail_len = torch.zeros(rows, dtype=torch.long, device=device).scatter_reduce(
         0, req, query_pos.long() + 1, "amax")  # tail tokens up to the row's last query
-    heads = torch.arange(num_kv, device=device)
     # queries: sequence (r, h) holds row r's tokens for head h, sequence-major
     seq_of_row = counts.repeat_interleave(num_kv)  # [S]
     query_start = torch.zeros(rows * num_kv + 1, dtype=torch.int32, device=device)
@@ -291,15 +293,17 @@ def lane_sequences(block_table: torch.Tensor, lane_start: torch.Tensor, head_len
     token = first[seq // num_kv] + offset
     head = seq % num_kv
     # blocks: lanes (global lane g -> block row[g // H] * H + g % H), then the tail's (row[n + t] * H + h)
-    num_lanes = head_len // block_size  # [R, H]
+    lead = head_len.shape[:-2]  # () or (L,)
+    num_lanes = (head_len // block_size).long()  # [..., R, H]
     tail_blocks = -(-tail_len // block_size)  # [R]
     width = int((num_lanes + tail_blocks[:, None]).max())
-    j = torch.arange(width, device=device)[None, None, :]
-    in_lanes = j < num_lanes[..., None]
+    j = torch.arange(width, device=device)
+    in_lanes = j < num_lanes[..., None]  # [..., R, H, W]
     lane = lane_start.long()[..., None] + j
     tail = (num_compacted.long()[:, None, None] + j - num_lanes[..., None]).clamp(min=0)
     col = torch.where(in_lanes, lane // num_kv, tail).clamp(max=block_table.shape[1] - 1)
     block = block_table.long()[torch.arange(rows, device=device)[:, None, None], col]
-    ids = torch.where(in_lanes, block * num_kv + lane % num_kv, block * num_kv + heads[None, :, None])
-    seq_lens = (head_len + tail_len[:, None]).reshape(-1).to(torch.int32)
-    return LaneSequences(token, head, query_start, seq_lens, ids.reshape(rows * num_kv, width).to(torch.int32))
+    heads = torch.arange(num_kv, device=device)[:, None]
+    ids = torch.where(in_lanes, block * num_kv + lane % num_kv, block * num_kv + heads)
+    seq_lens = (head_len + tail_len[:, None]).reshape(*lead, rows * num_kv).to(torch.int32)
+    return LaneSequences(token, head, query_start, seq_lens, ids.reshape(*lead, rows * num_kv, width).to(torch.int32))

@@ -21,7 +21,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from vllm_kvevict.core.adapter import TORCH_CPU, CacheAdapter
-from vllm_kvevict.paged.lanes import lane_attention, lane_sequences
+from vllm_kvevict.paged.lanes import lane_sequences
 
 
 def _lane_view(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -38,26 +38,29 @@ def _lane_view(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, 
             torch.as_strided(values, size, stride, values.storage_offset()))
 
 
-def vllm_lane_attention(query, keys, values, block_table, lane_start, head_len, num_compacted, query_req,
-                        query_pos, scale, longest: int | None = None, *, isa: str) -> torch.Tensor:
-    """`lanes.lane_attention`'s contract (same arguments, [Nq, H_q, D]), run by vLLM's CPU kernel."""
+def vllm_lane_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lanes, layer: int,
+                        scale: float, *, isa: str) -> torch.Tensor:
+    """The adapter's lane attention ([Nq, H_q, D] for the lane rows' queries), run by vLLM's CPU kernel.
+    Every layer's sequences are built once per step, by the first layer, into `lanes.scratch`."""
     num_q, num_qh, dim = query.shape
     num_kv, block_size = keys.shape[1], keys.shape[2]
     view = _lane_view(keys, values)
-    seqs = None if view is None else lane_sequences(block_table, lane_start, head_len, num_compacted, query_req,
-                                                    query_pos, num_kv, block_size)
+    if view is not None and "cpu_lanes" not in lanes.scratch:
+        maps = lanes.lane_maps.transpose(0, 1)  # [L, B', 2, H_kv]
+        lanes.scratch["cpu_lanes"] = lane_sequences(lanes.tables, maps[:, :, 0], maps[:, :, 1], lanes.num_compacted,
+                                                    lanes.query_req, lanes.query_pos, num_kv, block_size)
+    seqs = None if view is None else lanes.scratch["cpu_lanes"]
     if seqs is None:
-        return lane_attention(query, keys, values, block_table, lane_start, head_len, num_compacted, query_req,
-                              query_pos, scale)
+        return TORCH_CPU.lane_attention(query, keys, values, lanes, layer, scale)
     group = num_qh // num_kv
     grouped = query.view(num_q, num_kv, group, dim)
     q = grouped[seqs.token, seqs.head].contiguous()  # [S_q, G, D]
     out = torch.empty_like(q)
-    num_seqs = seqs.seq_lens.numel()
+    seq_lens = seqs.seq_lens[layer]
     metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_seqs, group, 1, dim, seqs.seq_lens, query.dtype, seqs.query_start, True, -1, isa, False)
+        seq_lens.numel(), group, 1, dim, seq_lens, query.dtype, seqs.query_start, True, -1, isa, False)
     ops.cpu_attention_with_kv_cache(
-        q, view[0], view[1], out, seqs.query_start, seqs.seq_lens, scale, True, None, -1, seqs.block_table,
+        q, view[0], view[1], out, seqs.query_start, seq_lens, scale, True, None, -1, seqs.block_table[layer],
         0.0, metadata, None)
     result = torch.empty_like(grouped)
     result[seqs.token, seqs.head] = out
