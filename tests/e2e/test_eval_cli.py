@@ -49,30 +49,35 @@ def test_eval_quick_writes_the_contract(tmp_path):
 
 
 def test_bench_capacity_quick_shows_eviction_buying_concurrency(tmp_path):
-    _run(["bench", "capacity", "--quick"], tmp_path)
+    """--quick with 64 output tokens and --decode-interval 32: every policy also runs with its tail
+    re-compacted every 32 tokens, and every row reports its greedy agreement with none's outputs."""
+    _run(["bench", "capacity", "--quick", "--max-tokens", "64", "--decode-interval", "32"], tmp_path)
     doc = json.loads((tmp_path / "capacity.json").read_text())
     assert doc["kv_blocks"] == 40 and doc["model"] == model_path()
-    recs = {r["policy"]: r for r in doc["records"]}
-    assert list(recs) == ["none", "snapkv", "streamingllm"]
+    recs = {(r["policy"], r["decode_interval"]): r for r in doc["records"]}
+    assert list(recs) == [("none", 0), ("snapkv", 0), ("streamingllm", 0), ("snapkv", 32), ("streamingllm", 32)]
     for rec in recs.values():
         assert CAPACITY_KEYS <= set(rec) and {"peak_running", "output_tok_s"} <= set(rec["ratio_vs_none"])
         assert rec["ttft_p50_s"] <= rec["ttft_p95_s"] and rec["itl_p50_s"] <= rec["itl_p95_s"]
         assert rec["lone_ttft_s"] > 0 and rec["timeline"][-1][1:] == [0, 0, 0]  # every request done, pool free
         assert max(step[1] for step in rec["timeline"]) == rec["peak_running"]
         assert max(step[3] for step in rec["timeline"]) <= doc["kv_blocks"]
-    none = recs["none"]
-    # 512+32 tokens = 17 blocks of 32: the 39 usable blocks hold two full requests at a time
-    assert none["peak_running"] == 2 and none["blocks_per_request"] == 17
+        assert 0.0 <= rec["agreement"] <= 1.0 and "tokens" not in rec
+    none = recs[("none", 0)]
+    # 512+64 tokens = 18 blocks of 32: the 39 usable blocks hold two full requests at a time
+    assert none["peak_running"] == 2 and none["blocks_per_request"] == 18 and none["agreement"] == 1.0
     for policy in ("snapkv", "streamingllm"):
-        rec = recs[policy]
+        rec, bounded = recs[(policy, 0)], recs[(policy, 32)]
         assert rec["blocks_per_request"] <= 4  # budget 64 = 2 kept blocks, + the tail's decode block(s)
+        assert bounded["blocks_per_request"] <= 2 + 1 + 1  # kept + interval + the block being written
         assert rec["peak_running"] > none["peak_running"]
         assert rec["ratio_vs_none"]["peak_running"] == rec["peak_running"] / none["peak_running"]
-        assert rec["compaction_s"] > 0  # worker time, read from the scheduler's counters
+        assert bounded["compaction_s"] > 0 and rec["compaction_s"] > 0  # worker time, from the scheduler's counters
     assert none["compaction_s"] == 0
     assert (tmp_path / "capacity.png").read_bytes()[:8] == PNG
     assert (tmp_path / "capacity_timeline.png").read_bytes()[:8] == PNG
-    assert "| none | full | 17.0 | 2 |" in (tmp_path / "capacity.md").read_text()
+    md = (tmp_path / "capacity.md").read_text()
+    assert "| none | full | 18.0 | 2 |" in md and "| snapkv + interval 32 | 64 |" in md
 
 
 def test_forced_decoding_scores_like_prompt_logprobs():

@@ -96,8 +96,14 @@ def test_markdown_and_plots(tmp_path):
          "ratio_vs_none": {"peak_running": r / 2, "output_tok_s": t / 10, "blocks_per_request": k / 17,
                            "lone_ttft_s": r / 2, "itl_p50_s": 1.0}}
         for p, b, k, r, t in [("none", None, 17, 2, 10.0), ("snapkv", 64, 3, 6, 15.0)]]}
+    cap["records"][1].update(agreement=0.5)
     md = report.capacity_markdown(cap)
-    assert "| snapkv | 64 | 3.0 | 6 | 15.0 | 1.00 / 2.00 | 0.100 / 0.200 | 3.00 | 1.50 | 1.00 | 3.00 (x3.00) | 4.00 |" in md
+    assert "| snapkv | 64 | 3.0 | 6 | 15.0 | 1.00 / 2.00 | 0.100 / 0.200 | 3.00 | 1.50 | 1.00 | 3.00 (x3.00) | 4.00 | 0.50 |" in md
+    assert "interval" not in md
+    cap["records"].append(dict(cap["records"][1], decode_interval=256, agreement=0.25))
+    md = report.capacity_markdown(cap)
+    assert "| snapkv + interval 256 | 64 | 3.0 |" in md and "| 0.25 |" in md and "re-compacted every N" in md
+    del cap["records"][2]
     assert report.capacity_plot(cap, tmp_path).read_bytes()[:8] == PNG
     assert report.capacity_timeline_plot(cap, tmp_path).read_bytes()[:8] == PNG
     for rec in cap["records"]:
@@ -121,6 +127,7 @@ def test_percentile():
     (["eval", "--model", "/nonexistent"], "--model '/nonexistent' is not a Hugging Face directory"),
     (["bench", "capacity", "--block-size", "48"], "block_size=48 must be a multiple of 32"),
     (["bench", "capacity", "--kv-blocks", "10"], "kv_blocks=10 cannot hold one request"),
+    (["bench", "capacity", "--decode-interval", "-1"], "decode_interval=-1 must be >= 0"),
     (["bench", "capacity", "--requests", "0"], "requests=0 must be >= 1"),
     (["bench", "capacity", "--policies", "nope"], "policy 'nope' is unknown"),
 ])

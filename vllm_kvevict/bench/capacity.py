@@ -13,6 +13,12 @@ The engine is stepped here (in-process engine core), so every step can read the 
     compaction_s         worker time compacting (scoring, selection, moving KV; all requests, all layers)
     lone_ttft_s          TTFT of one request alone on the idle engine (median of 3): compaction's cost
     timeline             [seconds, running, waiting, KV blocks in use] after each step that changed them
+    agreement            mean over requests of the fraction of `none`'s greedy output reproduced before
+                         the first different token (same prompts, same engine)
+
+With `decode_interval` N every evicting policy that offers it runs twice, without and with
+`kv_decode_interval` N (the tail re-compacted every N generated tokens), so the memory it bounds and the
+agreement it costs sit side by side.
 
 Ratios are to `none` measured in the same run on the same engine. Eviction pays only when the pool
 cannot hold every request's full prompt: pick `kv_blocks` so that `none` runs few at a time.
@@ -27,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from vllm_kvevict.eval.engine import check_policies, cpu_defaults, make_llm, policy_args, servable_policies
+from vllm_kvevict.eval.scoring import prefix_agreement
+from vllm_kvevict.policies.registry import get_spec
 
 
 @dataclass
@@ -39,6 +47,7 @@ class CapacitySpec:
     prompt_len: int = 2048
     max_tokens: int = 128
     seed: int = 0
+    decode_interval: int = 0  # > 0: evicting policies that offer it also run with this interval
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +62,8 @@ class CapacitySpec:
         if self.kv_blocks <= need:
             raise ValueError(f"kv_blocks={self.kv_blocks} cannot hold one request ({need} blocks of "
                              f"{self.block_size} tokens for {self.prompt_len}+{self.max_tokens} tokens); use more")
+        if self.decode_interval < 0:
+            raise ValueError(f"decode_interval={self.decode_interval} must be >= 0 (0: off)")
         for name in ("requests", "prompt_len", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -76,16 +87,19 @@ def _prompts(tokenizer, spec: CapacitySpec) -> list[list[int]]:
             for i in range(spec.requests)]
 
 
-def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: int, tag: str) -> dict[str, Any]:
-    """Submit every prompt at once under (policy, budget), step to completion, measure."""
+def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: int, tag: str,
+              decode_interval: int = 0) -> dict[str, Any]:
+    """Submit every prompt at once under (policy, budget[, decode_interval]), step to completion, measure."""
     from vllm import SamplingParams, TokensPrompt
 
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
     sched = core.scheduler
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                            extra_args=policy_args(policy, budget))
+    extra = policy_args(policy, budget)
+    if decode_interval:
+        extra["kv_decode_interval"] = decode_interval
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
     pool = sched.kv_cache_manager.block_pool
     total_blocks = pool.get_num_free_blocks()
     compacting = sched.kv_counters.compaction_seconds.get(policy, 0.0)
@@ -93,6 +107,7 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
     start = time.perf_counter()
     names = [engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p), params) for i, p in enumerate(prompts)]
     token_times: dict[str, list[float]] = {n: [] for n in names}
+    tokens: dict[str, list[int]] = {}
     last_blocks: dict[str, int] = {}
     peak_running = 0
     while engine.has_unfinished_requests():
@@ -105,6 +120,7 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
         for out in outputs:
             times = token_times.setdefault(out.request_id, [])
             times.extend([now] * (len(out.outputs[0].token_ids) - len(times)))
+            tokens[out.request_id] = list(out.outputs[0].token_ids)
         for rid, req in sched.requests.items():
             if req.num_output_tokens > 0:
                 blocks = manager.req_to_blocks.get(rid, ())
@@ -124,6 +140,7 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
         "seconds": wall, "output_tokens": n_out,
         "compaction_s": sched.kv_counters.compaction_seconds.get(policy, 0.0) - compacting,
         "timeline": timeline,
+        "tokens": [tokens.get(f"{tag}-{i}", []) for i in range(len(prompts))],  # per prompt (not saved)
     }
 
 
@@ -142,16 +159,22 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
                    max_num_seqs=max(spec.requests, 1))
     prompts = _prompts(llm.get_tokenizer(), spec)
     run_phase(llm, prompts[:1], "none", None, 4, "warmup")  # first-call costs outside the measurement
-    phases = [("none", None)] + [(p, spec.budget) for p in spec.policies if p != "none"]
+    phases = [("none", None, 0)] + [(p, spec.budget, 0) for p in spec.policies if p != "none"]
+    if spec.decode_interval:
+        phases += [(p, spec.budget, spec.decode_interval) for p in spec.policies
+                   if p != "none" and get_spec(p).param("decode_interval") is not None]
     records = []
     bar = _progress(len(phases), progress)
-    for policy, budget in phases:
+    for policy, budget, interval in phases:
         lone = lone_ttft(llm, prompts[0], policy, budget)
-        m = run_phase(llm, prompts, policy, budget, spec.max_tokens, policy)
-        records.append({"policy": policy, "budget": budget, "lone_ttft_s": lone, **m})
+        m = run_phase(llm, prompts, policy, budget, spec.max_tokens, f"{policy}-{interval}", interval)
+        records.append({"policy": policy, "budget": budget, "decode_interval": interval, "lone_ttft_s": lone, **m})
         bar(f"{policy}: {m['peak_running']} running, {m['output_tok_s']:.1f} tok/s")
     base = records[0]
+    reference = base["tokens"]
     for rec in records:
+        rec["agreement"] = sum(prefix_agreement(ref, got, len(ref)) for ref, got in zip(reference, rec.pop("tokens"))
+                               ) / len(reference)
         rec["ratio_vs_none"] = {
             "peak_running": rec["peak_running"] / base["peak_running"],
             "output_tok_s": rec["output_tok_s"] / base["output_tok_s"],

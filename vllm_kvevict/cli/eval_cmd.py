@@ -83,6 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--requests", type=int, default=None, help="concurrent requests (default 12)")
     cap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 2048)")
     cap.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default 128)")
+    cap.add_argument("--decode-interval", type=int, default=None,
+                     help="also run every policy that offers it with kv_decode_interval N (default 0: off)")
     cap.add_argument("--quick", action="store_true", help="a small run (512-token prompts, 32-token blocks) of about a minute")
     cap.add_argument("--model", default=None)
     cap.add_argument("--out", type=Path, default=Path("kvevict-results"))
@@ -144,7 +146,7 @@ def run_capacity(args: argparse.Namespace) -> int:
 
     kwargs = _spec_kwargs(args, {"policies": "policies", "budget": "budget", "kv_blocks": "kv_blocks",
                                  "block_size": "block_size", "requests": "requests", "prompt_len": "prompt_len",
-                                 "max_tokens": "max_tokens"}, QUICK_CAPACITY)
+                                 "max_tokens": "max_tokens", "decode_interval": "decode_interval"}, QUICK_CAPACITY)
     spec = capacity.CapacitySpec(**kwargs)
     spec.validate()
     doc = capacity.run(spec, _model(args.model), progress=not args.no_progress)

@@ -174,19 +174,28 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
              f"{doc.get('prompt_len', '?')} prompt + {doc.get('max_tokens', '?')} output tokens, all submitted at once.",
              "",
              "| policy | budget | blocks/request | peak running | output tok/s | TTFT p50 / p95 (s) | ITL p50 / p95 (s) "
-             "| x concurrency | x throughput | x ITL p50 | lone TTFT (s) | compaction (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| x concurrency | x throughput | x ITL p50 | lone TTFT (s) | compaction (s) | agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["records"]:
         ratio = r["ratio_vs_none"]
         lone = (f"{r['lone_ttft_s']:.2f} (x{ratio['lone_ttft_s']:.2f})" if "lone_ttft_s" in r else "-")
         itl = f"{ratio['itl_p50_s']:.2f}" if "itl_p50_s" in ratio else "-"
         compaction = f"{r['compaction_s']:.2f}" if "compaction_s" in r else "-"
+        agreement = f"{r['agreement']:.2f}" if "agreement" in r else "-"
         lines.append(
-            f"| {r['policy']} | {_fmt_budget(r['budget'])} | {r['blocks_per_request']:.1f} | {r['peak_running']} | "
+            f"| {_capacity_label(r)} | {_fmt_budget(r['budget'])} | {r['blocks_per_request']:.1f} | {r['peak_running']} | "
             f"{r['output_tok_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
             f"{r['itl_p50_s']:.3f} / {r['itl_p95_s']:.3f} | {ratio['peak_running']:.2f} | {ratio['output_tok_s']:.2f} | "
-            f"{itl} | {lone} | {compaction} |")
+            f"{itl} | {lone} | {compaction} | {agreement} |")
+    if any(r.get("decode_interval") for r in doc["records"]):
+        lines += ["", "agreement: the fraction of `none`'s greedy output each request reproduces before its first "
+                  "different token, mean over requests; `+ interval N`: the tail re-compacted every N generated tokens."]
     return "\n".join(lines) + "\n"
+
+
+def _capacity_label(record: dict[str, Any]) -> str:
+    interval = record.get("decode_interval") or 0
+    return record["policy"] + (f" + interval {interval}" if interval else "")
 
 
 def capacity_timeline_plot(doc: dict[str, Any], out_dir: Path) -> Path | None:
@@ -199,7 +208,7 @@ def capacity_timeline_plot(doc: dict[str, Any], out_dir: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for r in recs:
         t, running, _waiting, blocks = zip(*r["timeline"])
-        label = r["policy"] if r["budget"] is None else f"{r['policy']} @{_fmt_budget(r['budget'])}"
+        label = _capacity_label(r) if r["budget"] is None else f"{_capacity_label(r)} @{_fmt_budget(r['budget'])}"
         axes[0].step(t, running, where="post", label=label)
         axes[1].step(t, blocks, where="post", label=label)
     axes[0].set_title("running requests", fontsize=9)
@@ -219,7 +228,7 @@ def capacity_timeline_plot(doc: dict[str, Any], out_dir: Path) -> Path | None:
 def capacity_plot(doc: dict[str, Any], out_dir: Path) -> Path:
     plt = _plt()
     recs = doc["records"]
-    names = [r["policy"] if r["budget"] is None else f"{r['policy']}\n@{_fmt_budget(r['budget'])}" for r in recs]
+    names = [_capacity_label(r) if r["budget"] is None else f"{_capacity_label(r)}\n@{_fmt_budget(r['budget'])}" for r in recs]
     fig, axes = plt.subplots(1, 3, figsize=(4.2 * 3, 3.6))
     panels = [("blocks_per_request", "KV blocks per request"), ("peak_running", "peak running requests"),
               ("output_tok_s", "output tokens / s")]
