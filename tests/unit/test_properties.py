@@ -171,3 +171,36 @@ def test_streamingllm_recompaction_keeps_sinks_and_the_latest_tokens_of_the_regi
     plan = policy.plan_rect(view, region=256, keep=64)
     want = list(range(4)) + list(range(256 - 60, 256))
     assert [ix.tolist() for ix in plan.indices] == [want, want]
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_follow_pooling_lifts_the_tokens_after_a_hit_and_centre_pooling_both_sides(pooling):
+    scores = torch.zeros(2, 12)
+    scores[0, 4] = 1.0
+    scores[1, 0] = 3.0
+    follow = pool_scores(scores, 4, pooling, "follow")
+    centre = pool_scores(scores, 5, pooling, "center")
+    assert follow.shape == centre.shape == scores.shape
+    assert follow[0].nonzero().flatten().tolist() == [4, 5, 6, 7]  # the hit and the 3 tokens after it
+    assert centre[0].nonzero().flatten().tolist() == [2, 3, 4, 5, 6]
+    naive = torch.stack([scores[:, max(0, j - 3) : j + 1].max(1).values if pooling == "max"
+                         else scores[:, max(0, j - 3) : j + 1].mean(1) for j in range(12)], dim=1)
+    torch.testing.assert_close(follow, naive)  # window [j - k + 1, j], edges averaged over what exists
+    with pytest.raises(ValueError, match="pool_align='left' is invalid"):
+        pool_scores(scores, 4, pooling, "left")
+
+
+def test_a_policy_variant_names_its_fields_and_fails_clearly():
+    from vllm_kvevict.eval.engine import check_policies, policy_args, split_variant
+
+    assert split_variant("snapkv") == ("snapkv", {})
+    assert split_variant("snapkv:pool_align=follow:kernel_size=9") == ("snapkv", {"pool_align": "follow", "kernel_size": "9"})
+    assert policy_args("ada-snapkv:pool_align=follow", 0.125) == {
+        "kv_policy": "ada-snapkv", "kv_budget": 0.125, "kv_pool_align": "follow"}
+    check_policies(["snapkv:pool_align=follow"], [256])
+    with pytest.raises(ValueError, match="'kernel_size' is not FIELD=VALUE"):
+        split_variant("snapkv:kernel_size")
+    with pytest.raises(ValueError, match="pool_align='left' is invalid"):
+        check_policies(["snapkv:pool_align=left"], [256])
+    with pytest.raises(ValueError, match="unknown key 'kernel_sz'"):
+        check_policies(["snapkv:kernel_sz=3"], [256])

@@ -32,7 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from vllm_kvevict.eval.engine import check_policies, cpu_defaults, make_llm, policy_args, servable_policies
+from vllm_kvevict.eval.engine import (
+    check_policies, cpu_defaults, make_llm, policy_args, servable_policies, split_variant)
 from vllm_kvevict.eval.scoring import prefix_agreement
 from vllm_kvevict.policies.registry import get_spec
 
@@ -162,7 +163,7 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
     phases = [("none", None, 0)] + [(p, spec.budget, 0) for p in spec.policies if p != "none"]
     if spec.decode_interval:
         phases += [(p, spec.budget, spec.decode_interval) for p in spec.policies
-                   if p != "none" and get_spec(p).param("decode_interval") is not None]
+                   if p != "none" and get_spec(split_variant(p)[0]).param("decode_interval") is not None]
     records = []
     bar = _progress(len(phases), progress)
     for policy, budget, interval in phases:

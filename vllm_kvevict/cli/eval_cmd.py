@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+POLICIES_HELP = ("comma list (default: every policy the engine can serve); NAME:FIELD=VALUE[:FIELD=VALUE] "
+                 "runs a variant with preset fields changed, e.g. snapkv:kernel_size=9 (an ablation row)")
+
+
 def _list(kind: Callable[[str], Any]) -> Callable[[str], list]:
     def parse(text: str) -> list:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -53,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="quality under compression (passkey, needles, agreement, perplexity) through vLLM",
                         description="Runs every policy x budget x context x task on the default model in one vLLM "
                                     "engine; the full cache (none) is always included.")
-    ev.add_argument("--policies", type=_list(str), default=None, help="comma list (default: every policy the engine can serve)")
+    ev.add_argument("--policies", type=_list(str), default=None, help=POLICIES_HELP)
     ev.add_argument("--budgets", type=_list(_budget), default=None,
                     help="comma list of tokens per KV head (256) or prompt ratios (0.125); default 128,256,512")
     ev.add_argument("--context", type=_list(int), default=None, help="prompt lengths in tokens (default 1024,2048,4096)")
@@ -76,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           description="Submits --requests prompts at once to an engine with a --kv-blocks pool, once "
                                       "per policy (none first), and reports blocks per request, peak running "
                                       "requests, tokens/s, TTFT and ITL, with ratios to none.")
-    cap.add_argument("--policies", type=_list(str), default=None, help="comma list (default: every policy the engine can serve)")
+    cap.add_argument("--policies", type=_list(str), default=None, help=POLICIES_HELP)
     cap.add_argument("--budget", type=_budget, default=None, help="tokens per KV head or prompt ratio (default 256)")
     cap.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in blocks (default 48)")
     cap.add_argument("--block-size", type=int, default=None, help="tokens per block, a multiple of 32 on CPU (default 128)")

@@ -105,10 +105,25 @@ def check_policies(policies: Sequence[str], budgets: Sequence[int | float]) -> N
     for policy in policies:
         if policy == "none":
             continue
-        if policy not in names():
-            raise ValueError(f"policy {policy!r} is unknown; choose from {', '.join(names())}")
+        name, fields = split_variant(policy)
+        if name not in names():
+            raise ValueError(f"policy {name!r} is unknown; choose from {', '.join(names())}")
         for budget in budgets:
-            check_servable(PolicyConfig.from_dict({"policy": policy, "budget": budget}), eager=is_cpu())
+            check_servable(PolicyConfig.from_dict({"policy": name, "budget": budget, **fields}), eager=is_cpu())
+
+
+def split_variant(policy: str) -> tuple[str, dict[str, str]]:
+    """'snapkv:kernel_size=9:pool_align=follow' -> ('snapkv', {'kernel_size': '9', 'pool_align': 'follow'}):
+    a registered policy with some preset fields changed, one row of an ablation. A plain name has none."""
+    name, *pairs = policy.split(":")
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"policy variant {policy!r}: {pair!r} is not FIELD=VALUE "
+                             "(write NAME:FIELD=VALUE[:FIELD=VALUE...])")
+        fields[key] = value
+    return name, fields
 
 
 def _servable(policy: str, budget: int | float | None, eager: bool) -> bool:
@@ -123,9 +138,11 @@ def _servable(policy: str, budget: int | float | None, eager: bool) -> bool:
 
 
 def policy_args(policy: str, budget: int | float | None) -> dict[str, Any]:
-    """The per-request override for (policy, budget): what a client puts in `vllm_xargs`."""
+    """The per-request override for (policy, budget): what a client puts in `vllm_xargs` (a variant's
+    fields included, `split_variant`)."""
     if policy == "none":
         return {"kv_policy": "none"}
-    return {"kv_policy": policy, "kv_budget": budget}
+    name, fields = split_variant(policy)
+    return {"kv_policy": name, "kv_budget": budget, **{f"kv_{k}": v for k, v in fields.items()}}
 
 

@@ -41,16 +41,32 @@ def window_attention(
     return torch.softmax(logits, dim=-1)
 
 
-def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
-    """Smooth scores [H, N] along tokens (SnapKV's max-pool keeps neighbours of a hit together)."""
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str, align: str = "center") -> torch.Tensor:
+    """Smooth scores [H, N] along tokens (SnapKV's max-pool keeps neighbours of a hit together).
+
+    align "center": token j pools [j - k//2, j + k//2] (a hit lifts its neighbours on both sides);
+    "follow": token j pools [j - k + 1, j] (a hit lifts the k - 1 tokens after it: the continuation a
+    generation reads next, e.g. the rest of a number whose first digits the question attends to).
+    """
     if pooling == "none" or kernel_size <= 1 or scores.shape[-1] == 0:
         return scores
-    pad = kernel_size // 2
+    if pooling not in ("max", "avg"):
+        raise ValueError(f"pooling={pooling!r} is invalid: expected one of 'max', 'avg', 'none'")
+    if align not in ("center", "follow"):
+        raise ValueError(f"pool_align={align!r} is invalid: expected 'center' or 'follow'")
     x = scores.unsqueeze(1)
+    num = scores.shape[-1]
+    if align == "follow":
+        fill = float("-inf") if pooling == "max" else 0.0
+        padded = torch.nn.functional.pad(x, (kernel_size - 1, 0), value=fill)
+        if pooling == "max":
+            return torch.nn.functional.max_pool1d(padded, kernel_size, stride=1).squeeze(1)
+        sums = torch.nn.functional.avg_pool1d(padded, kernel_size, stride=1).squeeze(1) * kernel_size
+        counts = torch.arange(1, num + 1, device=scores.device).clamp(max=kernel_size)
+        return sums / counts
+    pad = kernel_size // 2
     if pooling == "max":
         out = torch.nn.functional.max_pool1d(x, kernel_size, stride=1, padding=pad)
-    elif pooling == "avg":
-        out = torch.nn.functional.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
     else:
-        raise ValueError(f"pooling={pooling!r} is invalid: expected one of 'max', 'avg', 'none'")
-    return out.squeeze(1)[..., : scores.shape[-1]]
+        out = torch.nn.functional.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    return out.squeeze(1)[..., :num]

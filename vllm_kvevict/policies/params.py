@@ -120,6 +120,9 @@ def sink_tokens(default: int) -> Param:
 
 KERNEL_SIZE = Param("kernel_size", int, 7, "pooling kernel along tokens (SnapKV: 7)", 1, 255)
 POOLING = Param("pooling", str, "max", "pooling of window scores along tokens", choices=("max", "avg", "none"))
+POOL_ALIGN = Param("pool_align", str, "center", "where the pooling kernel sits: 'center' (SnapKV: a hit lifts its "
+                   "k//2 neighbours each side) or 'follow' (a hit lifts the k-1 tokens after it)",
+                   choices=("center", "follow"))
 GQA_REDUCE = Param("gqa_reduce", str, "mean", "how a GQA group's query-head scores become one KV-head score",
                    choices=REDUCTIONS)
 MIN_PROMPT_LEN = Param("min_prompt_len", int, 0, "prompts this short or shorter are not compressed", 0, MAX_TOKENS)

@@ -21,11 +21,11 @@ from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOLING, decode_interval, sink_tokens, window)
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, decode_interval, sink_tokens, window)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import PYRAMID_BETA
 
-SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(0))
+SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, POOL_ALIGN, GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(0))
 
 
 class SnapKV(EvictionPolicy):
@@ -39,6 +39,7 @@ class SnapKV(EvictionPolicy):
         self.window = int(self.params.get("window", 32))
         self.kernel_size = int(self.params.get("kernel_size", 7))
         self.pooling = str(self.params.get("pooling", "max"))
+        self.pool_align = str(self.params.get("pool_align", "center"))
 
     def query_window(self, num_tokens: int) -> int:
         return min(self.window, num_tokens)
@@ -53,7 +54,7 @@ class SnapKV(EvictionPolicy):
         window = probs.shape[1]
         scores = probs.mean(dim=1)  # [H_q, T]
         # pool only the part before the window, so the window's own mass does not bleed outward
-        head = pool_scores(scores[:, : view.num_tokens - window], self.kernel_size, self.pooling)
+        head = pool_scores(scores[:, : view.num_tokens - window], self.kernel_size, self.pooling, self.pool_align)
         scores = torch.cat([head, scores[:, view.num_tokens - window :]], dim=1)
         return reduce_groups(scores, view.num_kv_heads, self.gqa_reduce)
 
