@@ -1,6 +1,10 @@
 """Assemble docs/results.md from the latest `eval` and `bench capacity` runs (`make results` runs all).
 
     .venv/bin/python scripts/results_md.py [--eval docs/results/eval] [--capacity docs/results/capacity]
+
+Hand-written sections (ablations, profiles, goal lines) live in docs/results/notes/ and are included,
+in name order, after the part they belong to: `quality_*.md` after the quality tables, `capacity_*.md`
+after the capacity runs. Regenerating never drops them; edit them there, not in docs/results.md.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import platform
 from collections import defaultdict
 from pathlib import Path
 
-from vllm_kvevict.eval.report import _fmt_budget, capacity_markdown, eval_markdown
+from vllm_kvevict.eval.report import _fmt_budget, capacity_markdown, eval_markdown, needle_summary_markdown
 from vllm_kvevict.eval.tasks import NEEDLE_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +77,38 @@ def _summary(doc: dict) -> list[str]:
     return lines
 
 
+def _capacity_run(title: str, folder: Path, rel) -> list[str]:
+    """A further `bench capacity` run (its command, table, plots), or nothing when it was not run."""
+    path = folder / "capacity.json"
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    spec = doc["spec"]
+    interval = f" --decode-interval {spec['decode_interval']}" if spec.get("decode_interval") else ""
+    return [
+        f"### {title}", "",
+        "    " + f"vllm-kvevict bench capacity --policies {','.join(spec['policies'])} --budget "
+        f"{_fmt_budget(spec['budget'])} --kv-blocks {spec['kv_blocks']} --requests {spec['requests']} --prompt-len "
+        f"{spec['prompt_len']} --max-tokens {spec['max_tokens']}{interval} --out {rel(folder)}", "",
+        capacity_markdown(doc), f"![capacity]({rel(folder)}/capacity.png)", "",
+        f"![running requests and KV blocks over time]({rel(folder)}/capacity_timeline.png)", "",
+    ]
+
+
+def _notes(folder: Path, part: str) -> list[str]:
+    """The hand-written sections for `part`, in name order."""
+    return [p.read_text().rstrip() + "\n" for p in sorted(folder.glob(f"{part}_*.md"))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=Path, default=ROOT / "docs/results/eval")
     ap.add_argument("--capacity", type=Path, default=ROOT / "docs/results/capacity")
     ap.add_argument("--capacity-decode", type=Path, default=ROOT / "docs/results/capacity_decode",
                     help="the decode-heavy capacity run (skipped when absent)")
+    ap.add_argument("--capacity-long", type=Path, default=ROOT / "docs/results/capacity_long",
+                    help="the long-generation capacity run (skipped when absent)")
+    ap.add_argument("--notes", type=Path, default=ROOT / "docs/results/notes")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results.md")
     args = ap.parse_args()
     ev = json.loads((args.eval / "eval.json").read_text())
@@ -109,27 +139,20 @@ def main() -> None:
         f"(Wilson for pass/fail tasks, bootstrap otherwise); with n = {max(r['n'] for r in ev['records'])} per cell "
         "at most they are wide: read the "
         "tables for trends, not for ranks between close policies.", "",
+        needle_summary_markdown(ev),
         *_summary(ev),
         f"![accuracy vs budget]({rel(args.eval)}/accuracy_vs_budget_{min(r['context'] for r in ev['records'] if r['policy'] != 'none')}.png)",
         "", f"![needle depth]({rel(args.eval)}/needle_depth.png)", "",
         "<details><summary>Every task, every cell</summary>", "", eval_markdown(ev), "</details>", "",
+        *_notes(args.notes, "quality"),
         "## Capacity under memory pressure", "",
         "Prefill-heavy (128 output tokens per 2K prompt): the run's time is mostly prefill, the same work "
         "for every policy, so eviction's extra concurrency moves throughput little.", "",
         capacity_markdown(cap), f"![capacity]({rel(args.capacity)}/capacity.png)", "",
     ]
-    decode_json = args.capacity_decode / "capacity.json"
-    if decode_json.is_file():
-        dec = json.loads(decode_json.read_text())
-        ds = dec["spec"]
-        lines += [
-            "### Decode-heavy", "",
-            "    " + f"vllm-kvevict bench capacity --policies {','.join(ds['policies'])} --budget "
-            f"{_fmt_budget(ds['budget'])} --kv-blocks {ds['kv_blocks']} --requests {ds['requests']} --prompt-len "
-            f"{ds['prompt_len']} --max-tokens {ds['max_tokens']} --out {rel(args.capacity_decode)}", "",
-            capacity_markdown(dec), f"![capacity]({rel(args.capacity_decode)}/capacity.png)", "",
-            f"![running requests and KV blocks over time]({rel(args.capacity_decode)}/capacity_timeline.png)", "",
-        ]
+    for title, folder in (("Decode-heavy", args.capacity_decode), ("Long generations", args.capacity_long)):
+        lines += _capacity_run(title, folder, rel)
+    lines += _notes(args.notes, "capacity")
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 

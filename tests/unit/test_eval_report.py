@@ -144,3 +144,20 @@ def test_capacity_spec_defaults_are_the_issue_setting():
     spec = CapacitySpec()
     spec.validate()
     assert (spec.prompt_len, spec.budget) == (2048, 256)  # budget 1/8 of a 2K prompt
+
+
+def test_needle_summary_pools_needle_tasks_with_an_interval_and_a_ratio_to_full():
+    recs = [{"policy": "none", "budget": None, "context": c, "task": t, "accuracy": a, "n": 4}
+            for c, t, a in [(1024, "niah", 1.0), (1024, "niah_multikey", 0.5), (2048, "niah", 0.75)]]
+    recs += [{"policy": "snapkv", "budget": 0.125, "context": 1024, "task": t, "accuracy": a, "n": 4}
+             for t, a in [("niah", 0.5), ("niah_multikey", 0.25)]]
+    recs.append({"policy": "snapkv", "budget": 0.125, "context": 1024, "task": "agreement", "accuracy": 0.9, "n": 4})
+    rows = {(r["policy"], r["budget"]): r for r in report.needle_summary({"records": recs})}
+    snap = rows[("snapkv", 0.125)]
+    assert snap["n"] == 8 and snap["accuracy"] == pytest.approx(3 / 8)  # agreement is not a needle task
+    assert snap["of_full"] == pytest.approx((3 / 8) / (6 / 8))  # full cache on the same (task, context) cells
+    assert snap["ci_low"] < 3 / 8 < snap["ci_high"]
+    assert rows[("none", None)]["n"] == 12
+    md = report.needle_summary_markdown({"records": recs})
+    assert "| policy | full | 1/8 |" in md and "0.38 [" in md and "n=8, 0.50 of full" in md
+    assert report._fmt_budget(0.25) == "1/4" and report._fmt_budget(0.3) == "0.3" and report._fmt_budget(256) == "256"

@@ -22,7 +22,13 @@ def _budget_key(budget: Any) -> tuple:
 
 
 def _fmt_budget(budget: Any) -> str:
-    return "full" if budget is None else (f"{budget:g}" if isinstance(budget, float) else str(budget))
+    """'full', a token count, or a prompt ratio (as 1/n when it is one)."""
+    if budget is None:
+        return "full"
+    if isinstance(budget, float):
+        inverse = 1.0 / budget if budget > 0 else 0.0
+        return f"1/{round(inverse)}" if inverse > 1 and abs(inverse - round(inverse)) < 1e-6 else f"{budget:g}"
+    return str(budget)
 
 
 def _ordered(values: Iterable) -> list:
@@ -33,12 +39,58 @@ def _ordered(values: Iterable) -> list:
     return seen
 
 
+def needle_summary(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pooled needle accuracy per (policy, budget): every needle-task sample of every context and depth
+    counts once, with its Wilson 95% interval, and `of_full`: its ratio to the full cache's accuracy
+    pooled over the same (task, context) cells."""
+    from vllm_kvevict.eval.scoring import wilson
+    from vllm_kvevict.eval.tasks import NEEDLE_TASKS
+
+    needle = [r for r in doc["records"] if r["task"] in NEEDLE_TASKS]
+    full = {(r["task"], r["context"]): r for r in needle if r["policy"] == "none"}
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in needle:
+        cells[(r["policy"], r["budget"])].append(r)
+    out = []
+    for (policy, budget), recs in cells.items():
+        n = sum(r["n"] for r in recs)
+        hits = sum(r["accuracy"] * r["n"] for r in recs)
+        ref = [full[(r["task"], r["context"])] for r in recs if (r["task"], r["context"]) in full]
+        ref_acc = sum(r["accuracy"] * r["n"] for r in ref) / max(1, sum(r["n"] for r in ref))
+        low, high = wilson(hits, n)
+        out.append({"policy": policy, "budget": budget, "accuracy": hits / n, "n": n, "ci_low": low, "ci_high": high,
+                    "of_full": hits / n / ref_acc if ref_acc > 0 else float("nan")})
+    return out
+
+
+def needle_summary_markdown(doc: dict[str, Any]) -> str:
+    """A row per policy, a column per budget: 'accuracy [interval] n, x of full'."""
+    rows = needle_summary(doc)
+    if not rows:
+        return ""
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, key=_budget_key)
+    index = {(r["policy"], r["budget"]): r for r in rows}
+    lines = ["Needle accuracy pooled over the needle tasks, contexts and depths: accuracy [Wilson 95%], n samples, "
+             "and its ratio to the full cache's on the same cells.", "",
+             "| policy | " + " | ".join(_fmt_budget(b) for b in [None] + budgets) + " |",
+             "|---" * (len(budgets) + 2) + "|"]
+    for policy in _ordered(r["policy"] for r in rows):
+        cells = []
+        for budget in [None] + budgets:
+            r = index.get((policy, budget))
+            cells.append("" if r is None else f"{r['accuracy']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] "
+                         f"n={r['n']}" + ("" if budget is None else f", {r['of_full']:.2f} of full"))
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def eval_markdown(doc: dict[str, Any]) -> str:
-    """One table per (task, context): a row per policy, a column per budget, 'acc [lo, hi]' cells."""
+    """The pooled needle table, then one table per (task, context): a row per policy, a column per
+    budget, 'acc [lo, hi]' cells."""
     records = doc["records"]
     lines = [f"Model `{Path(str(doc.get('model', '?'))).name}`, {doc.get('date', '')}; "
              f"{doc.get('requests', '?')} requests, {doc.get('seconds', '?')} s. Cells: accuracy "
-             "[95% interval], n samples; `full` is the full cache (`none`).", ""]
+             "[95% interval], n samples; `full` is the full cache (`none`).", "", needle_summary_markdown(doc)]
     tasks = _ordered(r["task"] for r in records)
     contexts = sorted({r["context"] for r in records})
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, key=_budget_key)
