@@ -143,3 +143,20 @@ def retrieval_samples(tok, context: int):
     builder = hf_builder(tok)
     return [make_sample(builder, "niah", context, 0.8, 0, seed=1), make_sample(builder, "niah", context, 0.8, 0, seed=2),
             make_sample(builder, "passkey", context, 0.5, 0, seed=1), make_sample(builder, "passkey", context, 0.2, 0, seed=1)]
+
+
+def run_path(path: str, spec: dict) -> dict:
+    """`paths_main.py` in a fresh process (the Triton shims, when on a CPU, must precede vLLM's import)."""
+    import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    env.pop("VLLM_PLUGINS", None)
+    if path == "stock-triton":
+        env["VLLM_PLUGINS"] = ""  # vLLM as shipped (its TritonAttentionBackend is put in the CPU_ATTN slot)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("paths_main.py"))],
+                          input=json.dumps({**spec, "path": path}), capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

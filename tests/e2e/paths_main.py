@@ -2,7 +2,7 @@
 report on the last stdout line. Used to compare the two paths request by request.
 
 spec: {"path": "cpu" | "triton" | "stock-triton", "model": DIR, "engine": {LLM kwargs},
-       "requests": [{"id", "prompt", "max_tokens", "xargs"}], "abort": [id, ...] (aborted after step 2),
+       "requests": [{"id", "prompt", "max_tokens", "xargs", "logprobs"}], "abort": [id, ...] (aborted after step 2),
        "preempt_after": k (every running request is preempted after step k, and recomputed)}
 
     cpu           our backend on CPU_ATTN (torch twins)
@@ -12,7 +12,8 @@ spec: {"path": "cpu" | "triton" | "stock-triton", "model": DIR, "engine": {LLM k
 
 report: {"outputs": {id: token ids}, "held": {id: [real blocks held after each step]}, "free": [free blocks
          before, after], "kept": {id: {layer: [[positions] per KV head]}}, "picked": {id: {layer: [positions]}},
-         "selection": [hits, misses], "backend": class path of the attention backend in use}
+         "selection": [hits, misses], "backend": class path of the attention backend in use,
+         "logprobs": {id: [{token id: logprob} per generated token]} for requests that ask for "logprobs": N}
 """
 
 import json
@@ -59,14 +60,19 @@ def main() -> None:
     report = {"backend": backend, "outputs": {}, "held": {}, "free": [pool.get_num_free_blocks()]}
     ids = {}
     for r in spec["requests"]:
-        params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], extra_args=r.get("xargs") or None)
+        params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], extra_args=r.get("xargs") or None,
+                                logprobs=r.get("logprobs"))
         ids[engine.add_request(r["id"], r["prompt"], params)] = r["id"]
         report["held"][r["id"]] = []
     steps = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                report["outputs"][ids.get(out.request_id, out.request_id)] = list(out.outputs[0].token_ids)
+                name = ids.get(out.request_id, out.request_id)
+                report["outputs"][name] = list(out.outputs[0].token_ids)
+                if out.outputs[0].logprobs is not None:
+                    report.setdefault("logprobs", {})[name] = [
+                        {str(t): lp.logprob for t, lp in step.items()} for step in out.outputs[0].logprobs]
         steps += 1
         if steps == 2 and spec.get("abort"):
             engine.abort_request(list(spec["abort"]))

@@ -8,15 +8,11 @@ model's own check through this path is `test_default_model_through_the_triton_pa
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.engine import model_path
+from tests.e2e.engine import model_path, run_path
 from tests.e2e.tiny_model import make_tiny_llama
 from vllm_kvevict.policies.registry import get_spec, names
 
@@ -26,23 +22,6 @@ BLOCK = 32  # CPU_ATTN needs multiples of 32, TRITON_ATTN of 16: both paths shar
 BUDGET = 64
 MAX_TOKENS = 4
 ABORTED = "aborted"  # an extra snapkv request, aborted after step 2
-
-
-def run_path(path: str, spec: dict) -> dict:
-    """`paths_main.py` in a fresh process (the Triton shims, when on a CPU, must precede vLLM's import)."""
-    import torch
-
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    env.pop("VLLM_PLUGINS", None)
-    if path == "stock-triton":
-        env["VLLM_PLUGINS"] = ""  # vLLM as shipped (its TritonAttentionBackend is put in the CPU_ATTN slot)
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("paths_main.py"))],
-                          input=json.dumps({**spec, "path": path}), capture_output=True, text=True, env=env,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def tiny_locret_heads(directory: Path) -> Path:
