@@ -100,9 +100,10 @@ def test_markdown_and_plots(tmp_path):
     md = report.capacity_markdown(cap)
     assert "| snapkv | 64 | 3.0 | 6 | 15.0 | 1.00 / 2.00 | 0.100 / 0.200 | 3.00 | 1.50 | 1.00 | 3.00 (x3.00) | 4.00 | 0.50 |" in md
     assert "interval" not in md
-    cap["records"].append(dict(cap["records"][1], decode_interval=256, agreement=0.25))
+    cap["records"].append(dict(cap["records"][1], decode_interval=256, agreement=0.25, agreement_vs_no_interval=0.75))
     md = report.capacity_markdown(cap)
-    assert "| snapkv + interval 256 | 64 | 3.0 |" in md and "| 0.25 |" in md and "re-compacted every N" in md
+    assert "| snapkv + interval 256 | 64 | 3.0 |" in md and "| 0.25 (0.75 vs no interval) |" in md
+    assert "re-compacted every N" in md
     del cap["records"][2]
     assert report.capacity_plot(cap, tmp_path).read_bytes()[:8] == PNG
     assert report.capacity_timeline_plot(cap, tmp_path).read_bytes()[:8] == PNG

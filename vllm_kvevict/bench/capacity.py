@@ -15,6 +15,7 @@ The engine is stepped here (in-process engine core), so every step can read the 
     timeline             [seconds, running, waiting, KV blocks in use] after each step that changed them
     agreement            mean over requests of the fraction of `none`'s greedy output reproduced before
                          the first different token (same prompts, same engine)
+    agreement_vs_no_interval   (rows with a decode interval) the same against the policy without one
 
 With `decode_interval` N every evicting policy that offers it runs twice, without and with
 `kv_decode_interval` N (the tail re-compacted every N generated tokens), so the memory it bounds and the
@@ -172,10 +173,13 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
         records.append({"policy": policy, "budget": budget, "decode_interval": interval, "lone_ttft_s": lone, **m})
         bar(f"{policy}: {m['peak_running']} running, {m['output_tok_s']:.1f} tok/s")
     base = records[0]
-    reference = base["tokens"]
+    without = {rec["policy"]: rec["tokens"] for rec in records if not rec["decode_interval"]}
     for rec in records:
-        rec["agreement"] = sum(prefix_agreement(ref, got, len(ref)) for ref, got in zip(reference, rec.pop("tokens"))
-                               ) / len(reference)
+        rec["agreement"] = _agreement(base["tokens"], rec["tokens"])
+        if rec["decode_interval"]:  # what re-compacting while decoding changes, against the same policy without
+            rec["agreement_vs_no_interval"] = _agreement(without[rec["policy"]], rec["tokens"])
+    for rec in records:
+        del rec["tokens"]
         rec["ratio_vs_none"] = {
             "peak_running": rec["peak_running"] / base["peak_running"],
             "output_tok_s": rec["output_tok_s"] / base["output_tok_s"],
@@ -190,6 +194,11 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
         "spec": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(spec).items()},
         "records": records,
     }
+
+
+def _agreement(reference: list[list[int]], outputs: list[list[int]]) -> float:
+    """Mean over requests of the share of the reference output reproduced before the first difference."""
+    return sum(prefix_agreement(ref, got, len(ref)) for ref, got in zip(reference, outputs)) / len(reference)
 
 
 def _progress(total: int, enabled: bool):

@@ -234,6 +234,8 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
         itl = f"{ratio['itl_p50_s']:.2f}" if "itl_p50_s" in ratio else "-"
         compaction = f"{r['compaction_s']:.2f}" if "compaction_s" in r else "-"
         agreement = f"{r['agreement']:.2f}" if "agreement" in r else "-"
+        if "agreement_vs_no_interval" in r:
+            agreement += f" ({r['agreement_vs_no_interval']:.2f} vs no interval)"
         lines.append(
             f"| {_capacity_label(r)} | {_fmt_budget(r['budget'])} | {r['blocks_per_request']:.1f} | {r['peak_running']} | "
             f"{r['output_tok_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | "
@@ -241,7 +243,8 @@ def capacity_markdown(doc: dict[str, Any]) -> str:
             f"{itl} | {lone} | {compaction} | {agreement} |")
     if any(r.get("decode_interval") for r in doc["records"]):
         lines += ["", "agreement: the fraction of `none`'s greedy output each request reproduces before its first "
-                  "different token, mean over requests; `+ interval N`: the tail re-compacted every N generated tokens."]
+                  "different token, mean over requests (in brackets: against the same policy without an interval); "
+                  "`+ interval N`: the tail re-compacted every N generated tokens."]
     return "\n".join(lines) + "\n"
 
 
