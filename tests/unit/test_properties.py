@@ -204,3 +204,27 @@ def test_a_policy_variant_names_its_fields_and_fails_clearly():
         check_policies(["snapkv:pool_align=left"], [256])
     with pytest.raises(ValueError, match="unknown key 'kernel_sz'"):
         check_policies(["snapkv:kernel_sz=3"], [256])
+
+
+def test_value_weighting_prefers_the_token_whose_value_moves_the_output():
+    """Two tokens take the same window attention; value_weight=norm keeps the one with the larger value."""
+    from vllm_kvevict.policies.config import PolicyConfig
+    from vllm_kvevict.policies.plan import LayerView
+
+    g = torch.Generator().manual_seed(0)
+    T, D = 64, 8
+    keys = torch.randn(1, T, D, generator=g) * 0.01
+    keys[0, 10] = keys[0, 20] = 3.0  # equal attention from every window query
+    values = torch.randn(1, T, D, generator=g)
+    values[0, 10] *= 0.01
+    values[0, 20] = values[0, 20] / values[0, 20].norm() * 5
+    queries = torch.ones(2, 4, D)
+    view = LayerView(keys, values, queries)
+    args = {"policy": "snapkv", "budget": 5, "window": 4, "pooling": "none"}
+    plain = PolicyConfig.from_dict(args).build().score(view)
+    weighted = PolicyConfig.from_dict({**args, "value_weight": "norm"}).build().score(view)
+    torch.testing.assert_close(plain[0, 10], plain[0, 20])
+    assert weighted[0, 20] > 100 * weighted[0, 10]
+    for value_weight, best in (("none", 10), ("norm", 20)):  # one slot: a tie goes to the earlier token
+        policy = PolicyConfig.from_dict({**args, "value_weight": value_weight}).build()
+        assert policy.plan_rect(view, 60, 1).indices[0].tolist() == [best]

@@ -188,8 +188,7 @@ class EvictionPolicy(Policy):
         available = real.sum(dim=1)
         if bool((torch.tensor(lengths) > available).any()):
             raise ValueError(f"lengths {lengths} exceed the positions each head has ({available.tolist()})")
-        kept = [torch.sort(torch.topk(scores[h], n, sorted=False).indices).values for h, n in enumerate(lengths)]
-        return KeepPlan(kept, num_tokens)
+        return KeepPlan(topk_per_head(scores, lengths), num_tokens)  # ties: the earlier position
 
     def _region_positions(self, num_tokens: int, region: int) -> tuple[torch.Tensor, torch.Tensor]:
         protected, candidates = self.positions(num_tokens)

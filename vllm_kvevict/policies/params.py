@@ -123,6 +123,9 @@ POOLING = Param("pooling", str, "max", "pooling of window scores along tokens", 
 POOL_ALIGN = Param("pool_align", str, "center", "where the pooling kernel sits: 'center' (SnapKV: a hit lifts its "
                    "k//2 neighbours each side) or 'follow' (a hit lifts the k-1 tokens after it)",
                    choices=("center", "follow"))
+VALUE_WEIGHT = Param("value_weight", str, "none", "weight each token's window attention by its value norm before "
+                     "pooling ('norm': a token moves the output by attention x ||v||, after CriticalKV)",
+                     choices=("none", "norm"))
 GQA_REDUCE = Param("gqa_reduce", str, "mean", "how a GQA group's query-head scores become one KV-head score",
                    choices=REDUCTIONS)
 MIN_PROMPT_LEN = Param("min_prompt_len", int, 0, "prompts this short or shorter are not compressed", 0, MAX_TOKENS)

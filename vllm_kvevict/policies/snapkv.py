@@ -21,11 +21,11 @@ from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, decode_interval, sink_tokens, window)
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, VALUE_WEIGHT, decode_interval, sink_tokens, window)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import PYRAMID_BETA
 
-SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, POOL_ALIGN, GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(0))
+SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, POOL_ALIGN, VALUE_WEIGHT, GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(0))
 
 
 class SnapKV(EvictionPolicy):
@@ -40,6 +40,7 @@ class SnapKV(EvictionPolicy):
         self.kernel_size = int(self.params.get("kernel_size", 7))
         self.pooling = str(self.params.get("pooling", "max"))
         self.pool_align = str(self.params.get("pool_align", "center"))
+        self.value_weight = str(self.params.get("value_weight", "none"))
 
     def query_window(self, num_tokens: int) -> int:
         return min(self.window, num_tokens)
@@ -53,6 +54,9 @@ class SnapKV(EvictionPolicy):
         probs = window_attention(view.queries, view.keys, query_start=view.query_start, key_mask=view.key_mask)
         window = probs.shape[1]
         scores = probs.mean(dim=1)  # [H_q, T]
+        if self.value_weight == "norm":
+            norms = view.values.float().norm(dim=-1).to(scores.device)  # [H_kv, T]
+            scores = scores * norms.repeat_interleave(scores.shape[0] // view.num_kv_heads, dim=0)
         # pool only the part before the window, so the window's own mass does not bleed outward
         head = pool_scores(scores[:, : view.num_tokens - window], self.kernel_size, self.pooling, self.pool_align)
         scores = torch.cat([head, scores[:, view.num_tokens - window :]], dim=1)
