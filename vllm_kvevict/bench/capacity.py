@@ -90,8 +90,9 @@ def _prompts(tokenizer, spec: CapacitySpec) -> list[list[int]]:
 
 
 def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: int, tag: str,
-              decode_interval: int = 0) -> dict[str, Any]:
-    """Submit every prompt at once under (policy, budget[, decode_interval]), step to completion, measure."""
+              decode_interval: int | None = None) -> dict[str, Any]:
+    """Submit every prompt at once under (policy, budget[, decode_interval]), step to completion, measure.
+    decode_interval None: the policy's own default; 0: explicitly none."""
     from vllm import SamplingParams, TokensPrompt
 
     engine = llm.llm_engine
@@ -99,12 +100,13 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
     sched = core.scheduler
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
     extra = policy_args(policy, budget)
-    if decode_interval:
+    if decode_interval is not None:
         extra["kv_decode_interval"] = decode_interval
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
     pool = sched.kv_cache_manager.block_pool
     total_blocks = pool.get_num_free_blocks()
-    compacting = sched.kv_counters.compaction_seconds.get(policy, 0.0)
+    counted_as = split_variant(policy)[0]  # the worker counts a variant under its policy's name
+    compacting = sched.kv_counters.compaction_seconds.get(counted_as, 0.0)
     timeline: list[list[float]] = []
     start = time.perf_counter()
     names = [engine.add_request(f"{tag}-{i}", TokensPrompt(prompt_token_ids=p), params) for i, p in enumerate(prompts)]
@@ -140,7 +142,7 @@ def run_phase(llm, prompts: list[list[int]], policy: str, budget, max_tokens: in
         "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
         "itl_p50_s": percentile(itl, 50), "itl_p95_s": percentile(itl, 95),
         "seconds": wall, "output_tokens": n_out,
-        "compaction_s": sched.kv_counters.compaction_seconds.get(policy, 0.0) - compacting,
+        "compaction_s": sched.kv_counters.compaction_seconds.get(counted_as, 0.0) - compacting,
         "timeline": timeline,
         "tokens": [tokens.get(f"{tag}-{i}", []) for i in range(len(prompts))],  # per prompt (not saved)
     }
@@ -161,22 +163,25 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
                    max_num_seqs=max(spec.requests, 1))
     prompts = _prompts(llm.get_tokenizer(), spec)
     run_phase(llm, prompts[:1], "none", None, 4, "warmup")  # first-call costs outside the measurement
-    phases = [("none", None, 0)] + [(p, spec.budget, 0) for p in spec.policies if p != "none"]
+    # with a decode interval to compare, "without" means explicitly none (vatp's default is 128)
+    offers = [p for p in spec.policies if p != "none" and _interval_param(p) is not None]
+    phases = [("none", None, None)] + [(p, spec.budget, 0 if spec.decode_interval and p in offers else None)
+                                       for p in spec.policies if p != "none"]
     if spec.decode_interval:
-        phases += [(p, spec.budget, spec.decode_interval) for p in spec.policies
-                   if p != "none" and get_spec(split_variant(p)[0]).param("decode_interval") is not None]
+        phases += [(p, spec.budget, spec.decode_interval) for p in offers]
     records = []
     bar = _progress(len(phases), progress)
     for policy, budget, interval in phases:
         lone = lone_ttft(llm, prompts[0], policy, budget)
         m = run_phase(llm, prompts, policy, budget, spec.max_tokens, f"{policy}-{interval}", interval)
-        records.append({"policy": policy, "budget": budget, "decode_interval": interval, "lone_ttft_s": lone, **m})
+        effective = interval if interval is not None else _default_interval(policy)
+        records.append({"policy": policy, "budget": budget, "decode_interval": effective, "lone_ttft_s": lone, **m})
         bar(f"{policy}: {m['peak_running']} running, {m['output_tok_s']:.1f} tok/s")
     base = records[0]
     without = {rec["policy"]: rec["tokens"] for rec in records if not rec["decode_interval"]}
     for rec in records:
         rec["agreement"] = _agreement(base["tokens"], rec["tokens"])
-        if rec["decode_interval"]:  # what re-compacting while decoding changes, against the same policy without
+        if rec["decode_interval"] and rec["policy"] in without:  # what re-compacting while decoding changes, against the same policy without
             rec["agreement_vs_no_interval"] = _agreement(without[rec["policy"]], rec["tokens"])
     for rec in records:
         del rec["tokens"]
@@ -194,6 +199,18 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
         "spec": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(spec).items()},
         "records": records,
     }
+
+
+def _interval_param(policy: str):
+    return None if policy == "none" else get_spec(split_variant(policy)[0]).param("decode_interval")
+
+
+def _default_interval(policy: str) -> int:
+    """The interval a phase without an explicit one runs with: a variant's field, else the preset's."""
+    param = _interval_param(policy)
+    if param is None:
+        return 0
+    return int(split_variant(policy)[1].get("decode_interval", param.default))
 
 
 def _agreement(reference: list[list[int]], outputs: list[list[int]]) -> float:

@@ -180,7 +180,7 @@ class EvictionPolicy(Policy):
         scores = self.score(view).float().cpu()
         if scores.shape != (num_heads, num_tokens):
             raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {(num_heads, num_tokens)}")
-        real = torch.ones(num_heads, num_tokens, dtype=torch.bool) if view.key_mask is None else view.key_mask.cpu()
+        real = torch.ones(num_heads, num_tokens, dtype=torch.bool) if view.key_mask is None else view.key_mask.cpu().clone()
         real[:, min(region, num_tokens):] = False
         protected, _ = self._region_positions(num_tokens, region)
         scores[:, protected] = float("inf")
