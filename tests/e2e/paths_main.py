@@ -13,7 +13,8 @@ spec: {"path": "cpu" | "triton" | "stock-triton", "model": DIR, "engine": {LLM k
 report: {"outputs": {id: token ids}, "held": {id: [real blocks held after each step]}, "free": [free blocks
          before, after], "kept": {id: {layer: [[positions] per KV head]}}, "picked": {id: {layer: [positions]}},
          "selection": [hits, misses], "backend": class path of the attention backend in use,
-         "logprobs": {id: [{token id: logprob} per generated token]} for requests that ask for "logprobs": N}
+         "logprobs": {id: [{token id: logprob} per generated token]} and "prompt_ids": {id: the prompt's token
+         ids as vLLM tokenised it} for requests that ask for "logprobs": N}
 """
 
 import json
@@ -71,6 +72,7 @@ def main() -> None:
                 name = ids.get(out.request_id, out.request_id)
                 report["outputs"][name] = list(out.outputs[0].token_ids)
                 if out.outputs[0].logprobs is not None:
+                    report.setdefault("prompt_ids", {})[name] = list(out.prompt_token_ids)
                     report.setdefault("logprobs", {})[name] = [
                         {str(t): lp.logprob for t, lp in step.items()} for step in out.outputs[0].logprobs]
         steps += 1
