@@ -147,7 +147,7 @@ def main() -> None:
         *_notes(args.notes, "quality"),
         "## Capacity under memory pressure", "",
         "Prefill-heavy (128 output tokens per 2K prompt): the run's time is mostly prefill, the same work "
-        "for every policy, so eviction's extra concurrency moves throughput little.", "",
+        "for every policy, so eviction's extra concurrency moves throughput far less than it moves concurrency.", "",
         capacity_markdown(cap), f"![capacity]({rel(args.capacity)}/capacity.png)", "",
     ]
     for title, folder in (("Decode-heavy", args.capacity_decode), ("Long generations", args.capacity_long)):
