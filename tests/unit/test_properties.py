@@ -130,7 +130,7 @@ def test_snapkv_score_matches_a_loop_over_query_heads():
             for i in range(window):  # query i sits at position T - W + i and sees keys <= it
                 logits[i, num_tokens - window + i + 1 :] = float("-inf")
             mean = torch.softmax(logits, dim=-1).mean(0)
-            head = pool_scores(mean[: num_tokens - window].unsqueeze(0), 7, "max")[0]
+            head = pool_scores(mean[: num_tokens - window].unsqueeze(0), policy.kernel_size, "max", policy.pool_align)[0]
             per_q.append(torch.cat([head, mean[num_tokens - window :]]))
         assert torch.allclose(got[kv], torch.stack(per_q).mean(0), atol=1e-6)
     probs = window_attention(queries, keys)
