@@ -93,28 +93,29 @@ def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneM
     if len(kept) != lanes.num_heads:
         raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}")
     block_size = lanes.block_size
+    dst = _lane_destinations(row, kept, lanes)
     src = []
     for h, pos in enumerate(kept):
-        if pos.numel() != lanes.lengths[h]:
-            raise ValueError(f"head {h} keeps {pos.numel()} tokens, its lanes hold {lanes.lengths[h]}")
         pos = pos.to(row.device).long()
         src.append((row[pos // block_size].long(), torch.full_like(pos, h), pos % block_size))
-    return tuple(torch.cat(parts) for parts in zip(*src)), _lane_destinations(row, lanes)
+    return tuple(torch.cat(parts) for parts in zip(*src)), dst
 
 
 def refill_addresses(row: torch.Tensor, candidates: tuple[torch.Tensor, ...], kept: Sequence[torch.Tensor],
                      lanes: LaneMap) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """As `pack_addresses`, with sources given as positions of the `lane_candidates` grid (a decode-time
     re-compaction: head h's kept grid positions move into its own lanes, in order)."""
+    dst = _lane_destinations(row, kept, lanes)
+    src = tuple(torch.cat([grid[h, pos.to(grid.device).long()] for h, pos in enumerate(kept)]) for grid in candidates)
+    return src, dst
+
+
+def _lane_destinations(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneMap) -> tuple[torch.Tensor, ...]:
+    """(block, lane, slot) of every head's lane slots, heads concatenated, in order; each head must keep
+    exactly what its lanes hold."""
     for h, pos in enumerate(kept):
         if pos.numel() != lanes.lengths[h]:
             raise ValueError(f"head {h} keeps {pos.numel()} tokens, its lanes hold {lanes.lengths[h]}")
-    src = tuple(torch.cat([grid[h, pos.to(grid.device).long()] for h, pos in enumerate(kept)]) for grid in candidates)
-    return src, _lane_destinations(row, lanes)
-
-
-def _lane_destinations(row: torch.Tensor, lanes: LaneMap) -> tuple[torch.Tensor, ...]:
-    """(block, lane, slot) of every head's lane slots, heads concatenated, in order."""
     dst = []
     for h in range(lanes.num_heads):
         r, lane, slot = (t.to(row.device) for t in lanes.addresses(h))

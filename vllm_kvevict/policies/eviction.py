@@ -177,9 +177,7 @@ class EvictionPolicy(Policy):
         num_tokens, num_heads = view.num_tokens, view.num_kv_heads
         if len(lengths) != num_heads:
             raise ValueError(f"lengths has {len(lengths)} heads, the view {num_heads}")
-        scores = self.score(view).float().cpu()
-        if scores.shape != (num_heads, num_tokens):
-            raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {(num_heads, num_tokens)}")
+        scores = self._checked_scores(view).float().cpu()
         real = torch.ones(num_heads, num_tokens, dtype=torch.bool) if view.key_mask is None else view.key_mask.cpu().clone()
         real[:, min(region, num_tokens):] = False
         protected, _ = self._region_positions(num_tokens, region)
@@ -197,11 +195,16 @@ class EvictionPolicy(Policy):
     def _candidate_scores(self, view: LayerView, candidates: torch.Tensor) -> torch.Tensor:
         """The candidates' scores [H_kv, N], on the host: scoring runs where the view is (the GPU on CUDA),
         allocation and selection (a few thousand numbers per head) on the CPU."""
+        scores = self._checked_scores(view)
+        return scores[:, candidates.to(scores.device)].float().cpu()
+
+    def _checked_scores(self, view: LayerView) -> torch.Tensor:
+        """The scorer's [H_kv, T] scores where the view is, their shape checked."""
         scores = self.score(view)
         expected = (view.num_kv_heads, view.num_tokens)
         if scores.shape != expected:
             raise RuntimeError(f"{self.name}: scorer returned {tuple(scores.shape)}, expected {expected}")
-        return scores[:, candidates.to(scores.device)].float().cpu()
+        return scores
 
     def allocate(self, cand_scores: torch.Tensor, total: int) -> list[int]:
         num_heads, num_cand = cand_scores.shape

@@ -41,10 +41,10 @@ class SnapKV(EvictionPolicy):
     def __init__(self, budget, params):
         super().__init__(budget, params)
         self.window = int(self.params.get("window", 32))
-        self.kernel_size = int(self.params.get("kernel_size", 11))
+        self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
         self.pooling = str(self.params.get("pooling", "max"))
-        self.pool_align = str(self.params.get("pool_align", "follow"))
-        self.value_weight = str(self.params.get("value_weight", "none"))
+        self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
+        self.value_weight = str(self.params.get("value_weight", VALUE_WEIGHT.default))
 
     def query_window(self, num_tokens: int) -> int:
         return min(self.window, num_tokens)
