@@ -181,7 +181,7 @@ def run(spec: CapacitySpec, model: str, progress: bool = True) -> dict[str, Any]
     without = {rec["policy"]: rec["tokens"] for rec in records if not rec["decode_interval"]}
     for rec in records:
         rec["agreement"] = _agreement(base["tokens"], rec["tokens"])
-        if rec["decode_interval"] and rec["policy"] in without:  # what re-compacting while decoding changes, against the same policy without
+        if rec["decode_interval"] and rec["policy"] in without:  # what re-compacting costs, same policy without
             rec["agreement_vs_no_interval"] = _agreement(without[rec["policy"]], rec["tokens"])
     for rec in records:
         del rec["tokens"]
