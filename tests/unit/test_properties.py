@@ -228,3 +228,24 @@ def test_value_weighting_prefers_the_token_whose_value_moves_the_output():
     for value_weight, best in (("none", 10), ("norm", 20)):  # one slot: a tie goes to the earlier token
         policy = PolicyConfig.from_dict({**args, "value_weight": value_weight}).build()
         assert policy.plan_rect(view, 60, 1).indices[0].tolist() == [best]
+
+
+@pytest.mark.parametrize("name", ["vatp", "nacl"])
+def test_pooling_option_lifts_what_follows_a_hit_and_leaves_the_recent_tokens_alone(name):
+    """VATP and NACL score unpooled by default (their papers); `pooling: max` + `follow` lifts the k - 1
+    tokens after the one their queries attend to, as SnapKV's scores do, and never the kept recent tokens."""
+    num_tokens, dim, hit = 64, 8, 20
+    keys = torch.zeros(1, num_tokens, dim)
+    keys[0, hit, 0] = 40.0  # every query attends (almost only) to the hit
+    values = torch.ones(1, num_tokens, dim)
+    plain = PolicyConfig(name, 8).build()
+    pooled = PolicyConfig(name, 8, (("pooling", "max"), ("kernel_size", 5), ("pool_align", "follow"))).build()
+    recent = plain.recent_tokens(num_tokens)
+    queries = torch.zeros(1, plain.query_window(num_tokens), dim)
+    queries[..., 0] = 1.0
+    view = LayerView(keys, values, queries, layer=0, num_layers=1)
+    base, lifted = plain.score(view)[0], pooled.score(view)[0]
+    assert base.argmax().item() == hit and base[hit + 1] < base[hit] / 100  # unpooled: the hit stands alone
+    torch.testing.assert_close(lifted[hit : hit + 5], base[hit].expand(5))  # the hit and the 4 tokens after it
+    assert lifted[hit + 5] < base[hit] / 100 and lifted[hit - 1] < base[hit] / 100
+    torch.testing.assert_close(lifted[num_tokens - recent :], base[num_tokens - recent :])

@@ -70,3 +70,11 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str, align: str
     else:
         out = torch.nn.functional.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=False)
     return out.squeeze(1)[..., :num]
+
+
+def pool_before_recent(scores: torch.Tensor, recent: int, kernel_size: int, pooling: str, align: str) -> torch.Tensor:
+    """Pool scores [H, T] along tokens except the last `recent` (kept anyway: the observation window or
+    the proxies), so their own mass does not bleed onto the tokens before them."""
+    cut = scores.shape[-1] - recent
+    head = pool_scores(scores[:, :cut], kernel_size, pooling, align)
+    return torch.cat([head, scores[:, cut:]], dim=1)

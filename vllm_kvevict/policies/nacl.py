@@ -1,7 +1,8 @@
 """NACL (Chen et al., ACL 2024, arXiv 2408.03675): proxy-token eviction plus random eviction.
 
 Score: the attention the proxy tokens (the last `proxy_ratio` of the prompt, at least one) pay to
-every prompt token, summed over the proxies and reduced over each GQA group.
+every prompt token, summed over the proxies and reduced over each GQA group; optionally pooled along
+tokens like SnapKV's scores (`pooling`, off by default as in the paper).
 Select, per KV head: the top `(1 - random_fraction)` of the head's slots by score, then the rest
 sampled without replacement from the remaining candidates with probability softmax(score) (the
 reference code's rule, SPEC.md 1.9). Different heads and layers draw different samples
@@ -17,11 +18,12 @@ import math
 
 import torch
 
-from vllm_kvevict.policies.attention import window_attention
+from vllm_kvevict.policies.attention import pool_before_recent, window_attention
 from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
-from vllm_kvevict.policies.params import GQA_REDUCE, MIN_PROMPT_LEN, Param, decode_interval, sink_tokens
+from vllm_kvevict.policies.params import (
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, Param, decode_interval, pooling, sink_tokens)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.topk import topk_per_head
 
@@ -36,6 +38,7 @@ class NACL(EvictionPolicy):
         # [EXT] 0.12 proxy + 0.07 random of T: 7/19 of the selectable slots are sampled
         Param("random_fraction", float, 0.37, "share of each head's slots filled by random sampling", 0.0, 1.0),
         Param("seed", int, 0, "seed of the random eviction (same seed, same plan)", 0, 2**62),
+        pooling("none"), KERNEL_SIZE, POOL_ALIGN,  # not in the paper: SnapKV's pooling of the proxy scores
         decode_interval(),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
@@ -45,6 +48,9 @@ class NACL(EvictionPolicy):
         self.proxy_ratio = float(self.params.get("proxy_ratio", 0.01))
         self.random_fraction = float(self.params.get("random_fraction", 0.37))
         self.seed = int(self.params.get("seed", 0))
+        self.pooling = str(self.params.get("pooling", "none"))
+        self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
+        self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
 
     def num_proxies(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, math.floor(self.proxy_ratio * num_tokens)))
@@ -60,7 +66,8 @@ class NACL(EvictionPolicy):
         if view.queries is None:
             raise ValueError(f"nacl needs the last {self.num_proxies(view.num_tokens)} prompt queries (view.queries is None)")
         probs = window_attention(view.queries, view.keys, query_start=view.query_start)  # [H_q, P, T]
-        return reduce_groups(probs.sum(dim=1), view.num_kv_heads, self.gqa_reduce)
+        scores = pool_before_recent(probs.sum(dim=1), probs.shape[1], self.kernel_size, self.pooling, self.pool_align)
+        return reduce_groups(scores, view.num_kv_heads, self.gqa_reduce)
 
     def choose(self, cand_scores: torch.Tensor, counts: list[int], view: LayerView) -> list[torch.Tensor]:
         n_random = [int(round(c * self.random_fraction)) for c in counts]

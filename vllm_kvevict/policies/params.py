@@ -120,7 +120,13 @@ def sink_tokens(default: int) -> Param:
 
 KERNEL_SIZE = Param("kernel_size", int, 11, "pooling kernel along tokens (the SnapKV paper: 7, centred; 11 "
                     "following keeps a retrieved value whole, docs/results.md's pool_align ablation)", 1, 255)
-POOLING = Param("pooling", str, "max", "pooling of window scores along tokens", choices=("max", "avg", "none"))
+
+
+def pooling(default: str = "max") -> Param:
+    return Param("pooling", str, default, "pooling of window scores along tokens", choices=("max", "avg", "none"))
+
+
+POOLING = pooling()
 POOL_ALIGN = Param("pool_align", str, "follow", "where the pooling kernel sits: 'center' (SnapKV: a hit lifts its "
                    "k//2 neighbours each side) or 'follow' (a hit lifts the k-1 tokens after it)",
                    choices=("center", "follow"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from vllm_kvevict.policies.adakv import ADA_MODE, FLOOR_ALPHA
-from vllm_kvevict.policies.attention import pool_scores, window_attention
+from vllm_kvevict.policies.attention import pool_before_recent, window_attention
 from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
@@ -61,9 +61,7 @@ class SnapKV(EvictionPolicy):
         if self.value_weight == "norm":
             norms = view.values.float().norm(dim=-1).to(scores.device)  # [H_kv, T]
             scores = scores * norms.repeat_interleave(scores.shape[0] // view.num_kv_heads, dim=0)
-        # pool only the part before the window, so the window's own mass does not bleed outward
-        head = pool_scores(scores[:, : view.num_tokens - window], self.kernel_size, self.pooling, self.pool_align)
-        scores = torch.cat([head, scores[:, view.num_tokens - window :]], dim=1)
+        scores = pool_before_recent(scores, window, self.kernel_size, self.pooling, self.pool_align)
         return reduce_groups(scores, view.num_kv_heads, self.gqa_reduce)
 
 

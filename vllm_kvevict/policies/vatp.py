@@ -1,7 +1,8 @@
 """VATP, value-aware token pruning (Guo et al., arXiv 2406.12335): attention x ||v||_1.
 
 Importance I_k = S_k * ||v_k||_1, where S_k is the attention token k receives and ||v_k||_1 the L1
-norm of its value vector (per KV head). Sinks are always kept, because their values are small and
+norm of its value vector (per KV head); optionally pooled along tokens like SnapKV's scores (`pooling`,
+off by default as in the paper). Sinks are always kept, because their values are small and
 the product would otherwise evict them. Two attention modes:
   window      mean attention of the last `window` prompt queries (the reference's Scissorhands mode)
   accumulate  attention summed over all prompt queries (the reference's H2O mode)
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvevict.policies.attention import window_attention
+from vllm_kvevict.policies.attention import pool_before_recent, window_attention
 from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
-from vllm_kvevict.policies.params import GQA_REDUCE, MIN_PROMPT_LEN, Param, decode_interval, sink_tokens, window
+from vllm_kvevict.policies.params import (
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, Param, decode_interval, pooling, sink_tokens, window)
 from vllm_kvevict.policies.plan import LayerView
 
 
@@ -42,6 +44,7 @@ class VATP(EvictionPolicy):
         window(), GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(20),  # [EXT] README: sink_len 20
         Param("vatp_mode", str, "window", "attention over the window (Scissorhands) or all queries (H2O)",
               choices=("window", "accumulate")),
+        pooling("none"), KERNEL_SIZE, POOL_ALIGN,  # not in the paper: SnapKV's pooling of the importance
         decode_interval(128),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
@@ -50,6 +53,9 @@ class VATP(EvictionPolicy):
         super().__init__(budget, params)
         self.window = int(self.params["window"])
         self.mode = str(self.params["vatp_mode"])
+        self.pooling = str(self.params.get("pooling", "none"))
+        self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
+        self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
 
     def query_window(self, num_tokens: int) -> int:
         return num_tokens if self.mode == "accumulate" else min(self.window, num_tokens)
@@ -68,7 +74,9 @@ class VATP(EvictionPolicy):
     def score(self, view: LayerView) -> torch.Tensor:
         running = view.extra.get("running_attention")
         attention = running if running is not None else self.attention_received(view)
-        return value_aware_importance(attention, view.values)
+        importance = value_aware_importance(attention, view.values)
+        recent = self.recent_tokens(view.num_tokens)
+        return pool_before_recent(importance, recent, self.kernel_size, self.pooling, self.pool_align)
 
     def accumulate_step(self, running: torch.Tensor, step_probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """Add one decode step's attention [H_q, N] to the running per-KV-head sum [H_kv, N']."""
