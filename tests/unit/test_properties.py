@@ -232,13 +232,13 @@ def test_value_weighting_prefers_the_token_whose_value_moves_the_output():
 
 @pytest.mark.parametrize("name", ["vatp", "nacl"])
 def test_pooling_option_lifts_what_follows_a_hit_and_leaves_the_recent_tokens_alone(name):
-    """VATP and NACL score unpooled by default (their papers); `pooling: max` + `follow` lifts the k - 1
+    """VATP and NACL unpooled (`pooling: none`, their papers) score a hit alone; `pooling: max` + `follow` lifts the k - 1
     tokens after the one their queries attend to, as SnapKV's scores do, and never the kept recent tokens."""
     num_tokens, dim, hit = 64, 8, 20
     keys = torch.zeros(1, num_tokens, dim)
     keys[0, hit, 0] = 40.0  # every query attends (almost only) to the hit
     values = torch.ones(1, num_tokens, dim)
-    plain = PolicyConfig(name, 8).build()
+    plain = PolicyConfig(name, 8, (("pooling", "none"),)).build()
     pooled = PolicyConfig(name, 8, (("pooling", "max"), ("kernel_size", 5), ("pool_align", "follow"))).build()
     recent = plain.recent_tokens(num_tokens)
     queries = torch.zeros(1, plain.query_window(num_tokens), dim)

@@ -84,7 +84,7 @@ def test_vatp_keep_sets_and_contrast_with_attention_only():
 
 
 def test_vatp_policy_protects_the_sink():
-    policy = PolicyConfig("vatp", 4, (("sink_tokens", 1), ("window", 1))).build()
+    policy = PolicyConfig("vatp", 4, (("sink_tokens", 1), ("window", 1), ("pooling", "none"))).build()  # the paper
     keys = torch.randn(1, 7, 4)
     view = LayerView(keys, _values(), extra={"running_attention": VATP_S})
     kept = {TOKENS[i] for i in policy.plan(view).indices[0].tolist()}

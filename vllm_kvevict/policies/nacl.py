@@ -1,8 +1,8 @@
 """NACL (Chen et al., ACL 2024, arXiv 2408.03675): proxy-token eviction plus random eviction.
 
 Score: the attention the proxy tokens (the last `proxy_ratio` of the prompt, at least one) pay to
-every prompt token, summed over the proxies and reduced over each GQA group; optionally pooled along
-tokens like SnapKV's scores (`pooling`, off by default as in the paper).
+every prompt token, summed over the proxies and reduced over each GQA group, then pooled along tokens
+like SnapKV's scores (max over the 11 tokens up to each; `pooling: none` is the paper's).
 Select, per KV head: the top `(1 - random_fraction)` of the head's slots by score, then the rest
 sampled without replacement from the remaining candidates with probability softmax(score) (the
 reference code's rule, SPEC.md 1.9). Different heads and layers draw different samples
@@ -38,7 +38,9 @@ class NACL(EvictionPolicy):
         # [EXT] 0.12 proxy + 0.07 random of T: 7/19 of the selectable slots are sampled
         Param("random_fraction", float, 0.37, "share of each head's slots filled by random sampling", 0.0, 1.0),
         Param("seed", int, 0, "seed of the random eviction (same seed, same plan)", 0, 2**62),
-        pooling("none"), KERNEL_SIZE, POOL_ALIGN,  # not in the paper: SnapKV's pooling of the proxy scores
+        # not in the paper: SnapKV's pooling of the proxy scores (docs/results.md, pooling ablation: needles
+        # at 1/8 and 1/4 of a 2K prompt 0 -> the full cache's); `pooling: none` restores the paper
+        pooling("max"), KERNEL_SIZE, POOL_ALIGN,
         decode_interval(),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
@@ -48,7 +50,7 @@ class NACL(EvictionPolicy):
         self.proxy_ratio = float(self.params.get("proxy_ratio", 0.01))
         self.random_fraction = float(self.params.get("random_fraction", 0.37))
         self.seed = int(self.params.get("seed", 0))
-        self.pooling = str(self.params.get("pooling", "none"))
+        self.pooling = str(self.params.get("pooling", "max"))
         self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
 
