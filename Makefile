@@ -26,7 +26,7 @@ SERVE_ENV   := VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) VLLM_CPU_NUM_OF_RESERVED_CPU=0
 DEVICE_ARGS := --dtype float32 --enforce-eager
 endif
 
-.PHONY: setup serve test model lock clean-venv results results-decode gpu-check
+.PHONY: setup serve test model lock clean-venv results results-decode results-prefix gpu-check
 
 setup: $(STAMP)
 
@@ -68,9 +68,13 @@ test: setup
 # Both run every registered policy (vllm-kvevict policies) unless --policies says otherwise.
 EVAL_ARGS ?= --context 1024,2048,4096 --policy-context 2048 --budgets 1/8,1/4,1/2 \
 	--tasks niah,niah_multikey,niah_multivalue,agreement --depths 0.2,0.8 --samples 2
+# The goal policies (what `make serve` runs, and snapkv) at the other contexts: n = 12 per (policy, budget, context).
+EVAL_CONTEXTS_ARGS ?= --policies snapkv,ada-snapkv --context 1024,4096 --budgets 1/8,1/4 \
+	--tasks niah,niah_multikey,niah_multivalue --depths 0.2,0.8 --samples 2
 CAPACITY_ARGS ?= --budget 256 --kv-blocks 48 --requests 12 --prompt-len 2048 --max-tokens 128
 results: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_ARGS) --out docs/results/eval
+	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_CONTEXTS_ARGS) --out docs/results/eval_contexts
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_ARGS) --out docs/results/capacity
 	$(BIN)/python scripts/results_md.py
 
@@ -83,6 +87,13 @@ CAPACITY_LONG_ARGS ?= --policies snapkv,ada-snapkv --budget 256 --kv-blocks 34 -
 results-decode: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_DECODE_ARGS) --out docs/results/capacity_decode
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_LONG_ARGS) --out docs/results/capacity_long
+	$(BIN)/python scripts/results_md.py
+
+# The shared-prefix chat run (docs/results.md's "Prefix caching with eviction"; about 15 minutes here): none with
+# prefix caching, snapkv without it (in place) and with it (copy-on-compact), each in its own engine.
+PREFIX_ARGS ?= --policy snapkv --budget 256 --documents 8 --questions 4 --doc-len 2048 --kv-blocks 192
+results-prefix: setup
+	$(SERVE_ENV) $(BIN)/vllm-kvevict bench prefix $(PREFIX_ARGS) --out docs/results/prefix
 	$(BIN)/python scripts/results_md.py
 
 # On a machine with a CUDA GPU: kernel tests on the device, the CUDA path in vLLM on the default model,

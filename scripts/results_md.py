@@ -4,7 +4,7 @@
 
 Hand-written sections (ablations, profiles, goal lines) live in docs/results/notes/ and are included,
 in name order, after the part they belong to: `quality_*.md` after the quality tables, `capacity_*.md`
-after the capacity runs. Regenerating never drops them; edit them there, not in docs/results.md.
+after the capacity runs, `prefix_*.md` after the shared-prefix run. Regenerating never drops them; edit them there, not in docs/results.md.
 """
 
 from __future__ import annotations
@@ -95,6 +95,39 @@ def _capacity_run(title: str, folder: Path, rel) -> list[str]:
     ]
 
 
+def _eval_run(title: str, folder: Path, rel) -> list[str]:
+    """A further `eval` run (its command and pooled needle table), or nothing when it was not run."""
+    path = folder / "eval.json"
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    return [f"### {title}", "", "    " + _eval_command(doc["spec"], rel(folder)), "", needle_summary_markdown(doc), "",
+            f"Every cell: [`{rel(folder)}/eval.md`]({rel(folder)}/eval.md).", ""]
+
+
+def _eval_command(es: dict, out: str) -> str:
+    return (f"vllm-kvevict eval --context {','.join(map(str, es['contexts']))}"
+            + (f" --policy-context {','.join(map(str, es['policy_contexts']))}" if es.get("policy_contexts") else "")
+            + f" --budgets {','.join(_fmt_budget(b) for b in es['budgets'])} --tasks {','.join(es['tasks'])}"
+            f" --depths {','.join(f'{d:g}' for d in es['depths'])} --samples {es['samples']} --seed {es['seed']}"
+            f" --policies {','.join(es['policies'])} --out {out}")
+
+
+def _prefix_run(folder: Path, rel) -> list[str]:
+    """The shared-prefix chat benchmark (`bench prefix`), or nothing when it was not run."""
+    from vllm_kvevict.bench.prefix import markdown as prefix_markdown
+
+    path = folder / "prefix.json"
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    spec = doc["spec"]
+    return ["## Prefix caching with eviction", "",
+            "    " + f"vllm-kvevict bench prefix --policy {spec['policy']} --budget {_fmt_budget(spec['budget'])} "
+            f"--documents {spec['documents']} --questions {spec['questions']} --doc-len {spec['doc_len']} "
+            f"--kv-blocks {spec['kv_blocks']} --out {rel(folder)}", "", prefix_markdown(doc).split("\n", 1)[1]]
+
+
 def _notes(folder: Path, part: str) -> list[str]:
     """The hand-written sections for `part`, in name order."""
     return [p.read_text().rstrip() + "\n" for p in sorted(folder.glob(f"{part}_*.md"))]
@@ -108,6 +141,10 @@ def main() -> None:
                     help="the decode-heavy capacity run (skipped when absent)")
     ap.add_argument("--capacity-long", type=Path, default=ROOT / "docs/results/capacity_long",
                     help="the long-generation capacity run (skipped when absent)")
+    ap.add_argument("--eval-contexts", type=Path, default=ROOT / "docs/results/eval_contexts",
+                    help="the goal policies' run at the other contexts (skipped when absent)")
+    ap.add_argument("--prefix", type=Path, default=ROOT / "docs/results/prefix",
+                    help="the shared-prefix chat run (skipped when absent)")
     ap.add_argument("--notes", type=Path, default=ROOT / "docs/results/notes")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results.md")
     args = ap.parse_args()
@@ -115,11 +152,7 @@ def main() -> None:
     cap = json.loads((args.capacity / "capacity.json").read_text())
     es, cs = ev["spec"], cap["spec"]
     rel = lambda p: p.relative_to(args.out.parent).as_posix()  # noqa: E731
-    eval_cmd = (f"vllm-kvevict eval --context {','.join(map(str, es['contexts']))}"
-                + (f" --policy-context {','.join(map(str, es['policy_contexts']))}" if es.get("policy_contexts") else "")
-                + f" --budgets {','.join(_fmt_budget(b) for b in es['budgets'])} --tasks {','.join(es['tasks'])}"
-                f" --depths {','.join(f'{d:g}' for d in es['depths'])} --samples {es['samples']} --seed {es['seed']}"
-                f" --policies {','.join(es['policies'])} --out {rel(args.eval)}")
+    eval_cmd = _eval_command(es, rel(args.eval))
     cap_cmd = (f"vllm-kvevict bench capacity --policies {','.join(cs['policies'])} --budget {_fmt_budget(cs['budget'])}"
                f" --kv-blocks {cs['kv_blocks']} --block-size {cs['block_size']} --requests {cs['requests']}"
                f" --prompt-len {cs['prompt_len']} --max-tokens {cs['max_tokens']} --out {rel(args.capacity)}")
@@ -144,6 +177,7 @@ def main() -> None:
         f"![accuracy vs budget]({rel(args.eval)}/accuracy_vs_budget_{min(r['context'] for r in ev['records'] if r['policy'] != 'none')}.png)",
         "", f"![needle depth]({rel(args.eval)}/needle_depth.png)", "",
         "<details><summary>Every task, every cell</summary>", "", eval_markdown(ev), "</details>", "",
+        *_eval_run("The goal policies at 1K and 4K", args.eval_contexts, rel),
         *_notes(args.notes, "quality"),
         "## Capacity under memory pressure", "",
         "Prefill-heavy (128 output tokens per 2K prompt): the run's time is mostly prefill, the same work "
@@ -153,6 +187,8 @@ def main() -> None:
     for title, folder in (("Decode-heavy", args.capacity_decode), ("Long generations", args.capacity_long)):
         lines += _capacity_run(title, folder, rel)
     lines += _notes(args.notes, "capacity")
+    lines += _prefix_run(args.prefix, rel)
+    lines += _notes(args.notes, "prefix")
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 

@@ -91,3 +91,20 @@ def test_forced_decoding_scores_like_prompt_logprobs():
     assert got["forced_ids"] == got["cont"] and len(got["cont"]) == 24
     assert got["forced_lp"] == pytest.approx(got["prompt_lp"], abs=2e-3)
     assert sum(got["forced_lp"]) < -1.0  # real scores, not the processor's forced 0.0
+
+
+def test_bench_prefix_quick_reads_shared_documents_from_the_cache_with_eviction(tmp_path):
+    """--quick: 2 conversations x 2 turns over 512-token documents, three engines. The follow-up turn of
+    `none` and of snapkv with prefix caching reads its document from the cache (vLLM's count), snapkv
+    without it reads nothing, and copy-on-compact holds no more blocks per request than in-place."""
+    _run(["bench", "prefix", "--quick"], tmp_path)
+    doc = json.loads((tmp_path / "prefix.json").read_text())
+    none, in_place, copied = doc["phases"]
+    assert [(p["policy"], p["prefix_caching"]) for p in doc["phases"]] == [
+        ("none", True), ("snapkv", False), ("snapkv", True)]
+    assert all(p["requests"] == 4 and p["followup"]["n"] == 2 for p in doc["phases"])
+    assert none["hit_rate"] > 0.3 and in_place["hit_rate"] == 0.0
+    assert copied["hit_rate"] >= none["hit_rate"] - 0.1
+    assert copied["blocks_per_running_request"] <= in_place["blocks_per_running_request"] + 0.5
+    assert copied["blocks_per_running_request"] < none["blocks_per_running_request"]
+    assert "| snapkv, prefix cache on |" in (tmp_path / "prefix.md").read_text()

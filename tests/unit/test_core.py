@@ -37,9 +37,22 @@ def test_plan_book_works_a_plan_out_once_and_forgets_it():
     assert len(book) == 1 and book.get("r1", {"kv_budget": 64}, 1947).compaction.kept_tokens == 128
 
 
-def _row(req_id, policy, budget, prompt_len, computed, scheduled, layers=1, **params):
-    plan = plan_for(config(policy, budget, **params), prompt_len, BS, layers)
-    return RowInfo(req_id, computed, scheduled, prompt_len, plan)
+def test_a_prefix_cache_hit_never_covers_what_the_policy_scores_from():
+    """The window queries are computed, a policy scoring every token's q/k/v computes them all, one scoring
+    from the keys alone (or no eviction) takes any hit."""
+    def limit(policy, budget, prompt_len=1000, **params):
+        return plan_for(config(policy, budget, **params), prompt_len, BS, 30, True).cacheable_prefix
+
+    assert limit("snapkv", 256) == 1000 - 32 and limit("snapkv", 256, window=64) == 1000 - 64
+    assert limit("nacl", 256) == 1000 - 10  # its proxies: 1% of the prompt
+    assert limit("locret", 256) == 0
+    assert limit("streamingllm", 256) is None and limit("none", None) is None
+    assert limit("snapkv", 2000) is None  # a prompt under the budget is not compacted
+
+
+def _row(req_id, policy, budget, prompt_len, computed, scheduled, layers=1, copy=False, num_blocks=0, **params):
+    plan = plan_for(config(policy, budget, **params), prompt_len, BS, layers, copy)
+    return RowInfo(req_id, computed, scheduled, prompt_len, plan, num_blocks)
 
 
 def test_plan_step_rewrites_lengths_and_rows_to_the_physical_layout():
@@ -68,9 +81,9 @@ def test_plan_step_rewrites_lengths_and_rows_to_the_physical_layout():
     assert seq_lens.tolist() == [161, 161, 301, 150, 161]  # the caller's tensors are not touched
 
 
-def _cache_with_prompt(num_tokens: int, seed: int):
+def _cache_with_prompt(num_tokens: int, seed: int, spare: int = 4):
     gen = torch.Generator().manual_seed(seed)
-    blocks = math.ceil(num_tokens / BS) + 4
+    blocks = math.ceil(num_tokens / BS) + spare
     cache = torch.zeros(blocks + 3, HKV, BS, 2 * DIM)
     row = torch.randperm(blocks + 3, generator=gen)[:blocks]
     keys, values = cpu_views(cache)
@@ -212,3 +225,37 @@ def test_a_head_lane_request_refills_its_lanes_at_decode_time_points():
     assert r.epoch == 1
     want = lane_attention_row(all_q[-1:], keys, values, physical[0], lanes, comp.kept_blocks, 1, DIM**-0.5)
     torch.testing.assert_close(out.view_as(want), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "ada-snapkv"])
+def test_copy_on_compact_writes_the_kept_tokens_into_fresh_blocks_and_leaves_the_prompt_alone(policy):
+    """Prefix caching on: compaction 0 writes exactly what in-place compaction writes to row[0:n], into
+    the n blocks after the prompt's, and no prompt block changes; `copied_row` then makes them the row's
+    front, so attention reads the same compacted region."""
+    prompt = 400
+    cache, row, _, _, gen = _cache_with_prompt(prompt, seed=7, spare=8)
+    query = torch.randn(prompt, HKV * GROUP, DIM, generator=gen) * 0.1 + 1.0
+    results = {}
+    for copy in (False, True):
+        state = WorkerState()
+        layer = LayerEviction(0, TORCH_CPU, DIM**-0.5, state)
+        work = cache.clone()
+        prefill = _row("r", policy, 96, prompt, 0, prompt, copy=copy, num_blocks=len(row))
+        plan, _, _ = plan_step(StepContext((prefill,), 1), [0, prompt], torch.tensor([prompt]), row[None].clone(), state)
+        layer.before_attention(plan, query)
+        layer.after_attention(plan, query, work, torch.zeros(prompt, HKV * GROUP * DIM))
+        results[copy] = (work, prefill.plan.compaction, state)
+    (in_place, comp, _), (copied, copy_comp, state) = results[False], results[True]
+    assert copy_comp.copy_on_compact and not comp.copy_on_compact and state.fresh_rows == {"r"}
+    n, fresh = comp.kept_blocks, copy_comp.fresh_block
+    assert fresh == math.ceil(prompt / BS)
+    prompt_blocks = row[:fresh]
+    assert torch.equal(copied[prompt_blocks], cache[prompt_blocks])  # the prefix cache's blocks are intact
+    assert not torch.equal(in_place[row[:n]], cache[row[:n]])  # (in place, they are not)
+    moved, released = copy_comp.copied_row(row.tolist(), -1)
+    assert released == row[: comp.tail_start_block].tolist() and moved[:n] == row[fresh : fresh + n].tolist()
+    assert moved[n : comp.tail_start_block] == [-1] * (comp.tail_start_block - n)
+    assert moved[comp.tail_start_block :] == row[comp.tail_start_block : fresh].tolist() + row[fresh + n :].tolist()
+    assert torch.equal(copied[row[fresh : fresh + n]], in_place[row[:n]])  # the same compacted region
+    no_room = _row("r", policy, 96, prompt, 0, prompt, copy=True, num_blocks=fresh)  # the scheduler had no room
+    assert prefill.copies_into_fresh and not no_room.copies_into_fresh

@@ -105,8 +105,8 @@ def test_a_server_without_kv_setting_answers_overrides_with_the_fix():
     from vllm_kvevict.policies.config import PolicyConfig
 
     with pytest.raises(ValueError, match="need a server started with a KV setting"):
-        validate_request(PolicyConfig(), {"kv_policy": "tokenselect"}, prefix_caching=True, enabled=False)
-    assert validate_request(PolicyConfig(), {"temperature": 1}, prefix_caching=True, enabled=False).policy == "none"
+        validate_request(PolicyConfig(), {"kv_policy": "tokenselect"}, enabled=False)
+    assert validate_request(PolicyConfig(), {"temperature": 1}, enabled=False).policy == "none"
 
 
 # ---- the CPU switch for the same path ---------------------------------------------------------------

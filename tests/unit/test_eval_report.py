@@ -131,6 +131,9 @@ def test_percentile():
     (["bench", "capacity", "--decode-interval", "-1"], "decode_interval=-1 must be >= 0"),
     (["bench", "capacity", "--requests", "0"], "requests=0 must be >= 1"),
     (["bench", "capacity", "--policies", "nope"], "policy 'nope' is unknown"),
+    (["bench", "prefix", "--policy", "nope"], "policy 'nope' is unknown"),
+    (["bench", "prefix", "--questions", "1"], "questions=1 must be >= 2"),
+    (["bench", "prefix", "--kv-blocks", "12"], "kv_blocks=12 cannot hold one conversation's last turn"),
 ])
 def test_bad_arguments_fail_fast_with_a_clear_message(capsys, argv, message):
     try:

@@ -111,7 +111,7 @@ def test_bad_override_names_the_field(xargs, field, text):
     from vllm_kvevict.integration.vllm.settings import bad_field, validate_request
 
     with pytest.raises(ValueError) as err:
-        validate_request(SERVER, xargs, prefix_caching=False)
+        validate_request(SERVER, xargs)
     message = str(err.value)
     assert message.startswith("vllm_xargs: ") and text in message, message
     if field is not None:
@@ -121,9 +121,9 @@ def test_bad_override_names_the_field(xargs, field, text):
 def test_locret_needs_eager_execution():
     from vllm_kvevict.integration.vllm.settings import validate_request
 
-    assert validate_request(SERVER, {"kv_policy": "locret"}, prefix_caching=False, eager=True).policy == "locret"
+    assert validate_request(SERVER, {"kv_policy": "locret"}, eager=True).policy == "locret"
     with pytest.raises(ValueError, match="locret' needs --enforce-eager"):
-        validate_request(SERVER, {"kv_policy": "locret"}, prefix_caching=False, eager=False)
+        validate_request(SERVER, {"kv_policy": "locret"}, eager=False)
     args = _parse(["--kv-policy", "locret", "--enforce-eager"])
     assert args.additional_config["kv_evict"]["policy"] == "locret"
 
@@ -131,21 +131,25 @@ def test_locret_needs_eager_execution():
 def test_good_overrides_and_other_keys():
     from vllm_kvevict.integration.vllm.settings import validate_request
 
-    assert validate_request(SERVER, None, prefix_caching=False) is SERVER
-    assert validate_request(SERVER, {"unrelated": 1}, prefix_caching=False) is SERVER
-    assert validate_request(SERVER, {"kv_policy": "none"}, prefix_caching=False).policy == "none"
-    cfg = validate_request(SERVER, {"kv_policy": "vatp"}, prefix_caching=False)
+    assert validate_request(SERVER, None) is SERVER
+    assert validate_request(SERVER, {"unrelated": 1}) is SERVER
+    assert validate_request(SERVER, {"kv_policy": "none"}).policy == "none"
+    cfg = validate_request(SERVER, {"kv_policy": "vatp"})
     assert (cfg.policy, cfg.budget) == ("vatp", 256)  # the server's budget carries over
-    assert validate_request(SERVER, {"kv_budget": 0.25}, prefix_caching=False).budget == 0.25
+    assert validate_request(SERVER, {"kv_budget": 0.25}).budget == 0.25
 
 
-def test_eviction_override_needs_prefix_caching_off():
+def test_eviction_override_is_allowed_under_prefix_caching():
+    """Compaction copies into fresh blocks when prefix caching is on: a `none` server takes eviction
+    overrides, and the plans of both sides say so."""
+    from vllm_kvevict.core.requests import PlanBook
     from vllm_kvevict.integration.vllm.settings import validate_request
 
     none = PolicyConfig()
-    with pytest.raises(ValueError, match="prefix caching"):
-        validate_request(none, {"kv_policy": "snapkv", "kv_budget": 128}, prefix_caching=True)
-    assert validate_request(none, {"kv_policy": "snapkv", "kv_budget": 128}, prefix_caching=False).policy == "snapkv"
+    assert validate_request(none, {"kv_policy": "snapkv", "kv_budget": 128}).policy == "snapkv"
+    xargs = {"kv_policy": "snapkv", "kv_budget": 128}
+    assert PlanBook(none, 16, 30, copy_on_compact=True).get("r", xargs, 1000).compaction.copy_on_compact
+    assert not PlanBook(none, 16, 30).get("r", xargs, 1000).compaction.copy_on_compact
 
 
 def test_request_plan_falls_back_to_the_full_cache_on_a_bad_override():

@@ -49,9 +49,11 @@ def test_bench_command_overrides_the_policy_per_request(tmp_path):
     spec = loadtest.LoadSpec(budget=256, ramp=(1, 3), max_concurrency=5)
     cmd = loadtest.bench_command(spec, "snapkv", tmp_path / "d.jsonl", tmp_path, "smol", "/m")
     body = json.loads(cmd[cmd.index("--extra-body") + 1])
-    assert body == {"vllm_xargs": {"kv_policy": "snapkv", "kv_budget": 256}}
+    assert body["vllm_xargs"] == {"kv_policy": "snapkv", "kv_budget": 256}
     cmd = loadtest.bench_command(spec, "none", tmp_path / "d.jsonl", tmp_path, "smol", "/m")
-    assert json.loads(cmd[cmd.index("--extra-body") + 1]) == {"vllm_xargs": {"kv_policy": "none"}}
+    other = json.loads(cmd[cmd.index("--extra-body") + 1])
+    assert other["vllm_xargs"] == {"kv_policy": "none"}
+    assert other["cache_salt"] != body["cache_salt"]  # no phase hits another's prompts in the prefix cache
     assert cmd[1:3] == ["bench", "serve"] and "--ignore-eos" in cmd
     assert cmd[cmd.index("--ramp-up-end-rps") + 1] == "3" and cmd[cmd.index("--max-concurrency") + 1] == "5"
 

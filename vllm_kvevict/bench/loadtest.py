@@ -12,8 +12,8 @@ custom dataset (the same rows, in the same order, for every policy):
 with output lengths drawn per row from `max_tokens` (EOS ignored, so every policy does the same work).
 
 Each policy is one *phase* against the same server: its requests carry the per-request override
-`vllm_xargs: {kv_policy, kv_budget}` (the server must run an eviction policy, so that prefix caching
-is off and overrides in both directions are allowed). The offered load ramps linearly from
+`vllm_xargs: {kv_policy, kv_budget}` and a `cache_salt` of its own, so that no phase reads another's
+prompts from the prefix cache. The offered load ramps linearly from
 `ramp[0]` to `ramp[1]` requests/s, at most `max_concurrency` in flight.
 
 Meanwhile `prometheus` (Debian's, started here on loopback) scrapes the server's /metrics every
@@ -177,7 +177,8 @@ def bench_command(spec: LoadSpec, policy: str, dataset: Path, out: Path, model: 
         "--max-concurrency", str(spec.max_concurrency), "--ready-check-timeout-sec", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", ",".join(map(str, PERCENTILES)),
-        "--extra-body", json.dumps({"vllm_xargs": override}),
+        # a salt per phase: no phase reads another's prompts from the prefix cache (each may hit its own)
+        "--extra-body", json.dumps({"vllm_xargs": override, "cache_salt": f"kvevict-loadtest-{policy}"}),
         "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", f"bench-{policy}.json",
         "--label", policy,
     ]

@@ -95,7 +95,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--no-progress", action="store_true")
     cap.set_defaults(func=run_capacity)
 
+    pre = bsub.add_parser("prefix", help="shared-prefix chat turns: none + prefix cache vs a policy without and with it",
+                          description="Conversations about shared documents (a needle per turn): prefix-cache hit "
+                                      "rate, TTFT, tokens/s, blocks per request and follow-up accuracy for none with "
+                                      "prefix caching, the policy without it (in-place) and with it (copy-on-compact).")
+    pre.add_argument("--policy", default=None, help="the eviction policy (default snapkv)")
+    pre.add_argument("--budget", type=_budget, default=None, help="tokens per KV head or prompt ratio (default 256)")
+    pre.add_argument("--documents", type=int, default=None, help="conversations, one document each (default 8)")
+    pre.add_argument("--questions", type=int, default=None, help="turns per conversation, a needle each (default 4)")
+    pre.add_argument("--doc-len", type=int, default=None, help="document tokens (default 2048)")
+    pre.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in 128-token blocks (default 192)")
+    pre.add_argument("--quick", action="store_true", help="2 conversations x 2 turns over 512-token documents")
+    pre.add_argument("--model", default=None)
+    pre.add_argument("--out", type=Path, default=Path("kvevict-results"))
+    pre.add_argument("--no-progress", action="store_true")
+    pre.set_defaults(func=run_prefix)
 
+
+QUICK_PREFIX = dict(documents=2, questions=2, doc_len=512, budget=64, kv_blocks=40)
 QUICK_EVAL = dict(budgets=[128], contexts=[512], depths=[0.5], samples=2)
 QUICK_CAPACITY = dict(budget=64, kv_blocks=40, block_size=32, requests=6, prompt_len=512, max_tokens=32,
                       policies=["snapkv", "streamingllm"])
@@ -159,4 +176,19 @@ def run_capacity(args: argparse.Namespace) -> int:
     plots = [report.capacity_plot(doc, args.out), report.capacity_timeline_plot(doc, args.out)]
     print(markdown)
     print(f"wrote {args.out / 'capacity.json'}, {args.out / 'capacity.md'}, {', '.join(str(p) for p in plots if p)}")
+    return 0
+
+
+def run_prefix(args: argparse.Namespace) -> int:
+    from vllm_kvevict.bench import prefix
+
+    kwargs = _spec_kwargs(args, {"policy": "policy", "budget": "budget", "documents": "documents",
+                                 "questions": "questions", "doc_len": "doc_len", "kv_blocks": "kv_blocks"}, QUICK_PREFIX)
+    spec = prefix.PrefixSpec(**kwargs)
+    spec.validate()
+    doc = prefix.run(spec, _model(args.model), progress=not args.no_progress)
+    markdown = prefix.markdown(doc)
+    _write(args.out, "prefix", doc, markdown)
+    print(markdown)
+    print(f"wrote {args.out / 'prefix.json'}, {args.out / 'prefix.md'}")
     return 0

@@ -4,7 +4,8 @@
                              logical prompt row)
     region                   the first `region` physical positions: everything up to the new tail C_k
     the policy chooses       n*bs tokens per KV head among the region (or ragged counts, in lanes)
-    moved                    to the region's leading blocks, in place, through the adapter
+    moved                    to the region's leading blocks, in place, through the adapter (copy-on-compact:
+                             compaction 0 writes into the fresh blocks instead, `layout.Compaction.copied_row`)
 
 How the policy chooses comes from its declaration: Need.PRE_ROPE_QKV policies by the scores remembered
 with the kept tokens and those computed since (`retain`); the others from a dense view of the region
@@ -41,10 +42,14 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
     physical_row = table if prev < 0 else physical_rows(
         table[None], torch.tensor([comp.kept_blocks]), torch.tensor([comp.tail_block(prev)]))[0]
     region = comp.physical_len(comp.tail_block(k) * comp.block_size, prev)
+    into = None
+    if row.copies_into_fresh:  # the prompt's blocks stay as they are, for the prefix cache
+        into = table[comp.fresh_block : comp.fresh_block + comp.kept_blocks]
+        layer.state.fresh_rows.add(row.req_id)
     decl = row.plan.declaration
     if Need.PRE_ROPE_QKV in decl.needs:
         kept = _retained(layer, row, k, region)
-        layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size))
+        layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size, into))
         _log(layer, row, list(kept), k)
     elif decl.layout is KeptLayout.HEAD_LANES and k > 0:
         _refill_lanes(layer, row, physical_row, keys, values, k, region, num_layers)
@@ -60,13 +65,13 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
             if lanes.num_blocks > comp.kept_blocks:
                 raise RuntimeError(f"{row.plan.config.policy}: lanes need {lanes.num_blocks} blocks, "
                                    f"the plan keeps {comp.kept_blocks}")
-            layer.adapter.move_tokens(keys, values, *pack_addresses(physical_row, plan.indices, lanes))
+            layer.adapter.move_tokens(keys, values, *pack_addresses(physical_row, plan.indices, lanes, into))
             layer.state.lanes.put(row.req_id, layer.layer, lanes, num_layers, table.device)
             _log(layer, row, plan.indices, k)
         else:
             plan = policy.plan_rect(view, region=region, keep=comp.kept_tokens)
             kept = torch.stack(plan.indices)
-            layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size))
+            layer.adapter.move_tokens(keys, values, *rect_addresses(physical_row, kept, comp.block_size, into))
             _log(layer, row, plan.indices, k)
     layer.state.report.record_compaction(row.plan.config.policy, row.req_id, time.perf_counter() - start)
 

@@ -9,13 +9,14 @@ out once and keeps it until the request ends (nothing is parsed per row per step
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from vllm_kvevict.paged.layout import Compaction, plan_chunked_compaction, plan_compaction
 from vllm_kvevict.policies.config import PolicyConfig
-from vllm_kvevict.policies.declaration import Declaration, Trigger
+from vllm_kvevict.policies.declaration import Declaration, Need, Trigger
 
 CONFIG_KEY = "kv_evict"
 
@@ -81,11 +82,28 @@ class RequestPlan:
     def selects(self) -> bool:
         return self.policy is not None and self.policy.declaration.selects
 
+    @property
+    def cacheable_prefix(self) -> int | None:
+        """How many leading prompt tokens may come from the prefix cache (None: any). A policy scores what
+        its steps compute: the window queries (the question) must be computed, and a policy scoring every
+        token from its pre-RoPE q/k/v must compute them all."""
+        comp = self.compaction
+        if comp is None or comp.is_noop:
+            return None
+        needs = self.declaration.needs
+        if Need.PRE_ROPE_QKV in needs:
+            return 0
+        if Need.WINDOW_QUERIES in needs:
+            return max(0, comp.start - self.policy.query_window(comp.prompt_len))
+        return None
+
 
 @functools.lru_cache(maxsize=4096)
-def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers: int) -> RequestPlan:
+def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers: int,
+             copy_on_compact: bool = False) -> RequestPlan:
     """Deterministic per-request plan shared by scheduler and worker: the block rule of the policy's
-    largest layer, compacted when its declaration says."""
+    largest layer, compacted when its declaration says; into fresh blocks with `copy_on_compact`
+    (prefix caching on: the prompt's blocks stay valid for other requests)."""
     policy = build_policy(config)
     if policy is None or policy.declaration.selects:
         return RequestPlan(config, policy, None)
@@ -95,11 +113,13 @@ def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers:
         comp = plan_chunked_compaction(prompt_len, per_head, block_size, decl.prefill_chunk)
     else:
         comp = plan_compaction(prompt_len, per_head, block_size, decl.decode_interval)
+    if copy_on_compact and not comp.is_noop:
+        comp = dataclasses.replace(comp, copy_on_compact=True)
     return RequestPlan(config, policy, comp)
 
 
 def request_plan(server: PolicyConfig, extra_args: Mapping[str, Any] | None, prompt_len: int, block_size: int,
-                 num_layers: int) -> RequestPlan:
+                 num_layers: int, copy_on_compact: bool = False) -> RequestPlan:
     """The plan scheduler and worker both use. Admission rejected bad overrides already; if one gets
     through anyway (an engine driven without our admission check), the request keeps its full KV on
     both sides rather than crashing the engine or disagreeing."""
@@ -108,22 +128,24 @@ def request_plan(server: PolicyConfig, extra_args: Mapping[str, Any] | None, pro
         build_policy(config)
     except ValueError:
         config = PolicyConfig()
-    return plan_for(config, prompt_len, block_size, num_layers)
+    return plan_for(config, prompt_len, block_size, num_layers, copy_on_compact)
 
 
 class PlanBook:
     """Request id -> its RequestPlan, worked out on first sight and kept until `forget`."""
 
-    def __init__(self, server: PolicyConfig, block_size: int, num_layers: int):
+    def __init__(self, server: PolicyConfig, block_size: int, num_layers: int, copy_on_compact: bool = False):
         self.server = server
         self.block_size = block_size
         self.num_layers = num_layers
+        self.copy_on_compact = copy_on_compact  # prefix caching is on: compact into fresh blocks
         self._plans: dict[str, RequestPlan] = {}
 
     def get(self, req_id: str, extra_args: Mapping[str, Any] | None, prompt_len: int) -> RequestPlan:
         plan = self._plans.get(req_id)
         if plan is None or plan.compaction is not None and plan.compaction.prompt_len != prompt_len:
-            plan = request_plan(self.server, extra_args, prompt_len, self.block_size, self.num_layers)
+            plan = request_plan(self.server, extra_args, prompt_len, self.block_size, self.num_layers,
+                                self.copy_on_compact)
             self._plans[req_id] = plan
         return plan
 

@@ -10,6 +10,7 @@ One `WorkerState` per worker thread (`worker_state()`), holding:
     report      what this worker ships to the scheduler each step (selection counts, compaction times)
     kept        (off by default) the logical positions every compaction kept, per (request, layer, head)
     step, qkv   this step's StepContext, and the pre-RoPE q/k/v captured per layer for it
+    fresh_rows  requests whose first compaction wrote into fresh blocks this step (copy-on-compact)
 
 A request's entries go when vLLM reports it finished or aborted (`purge`); queries and scores restart
 when its prefill starts again from position 0 (preemption recomputes it). Nothing here imports vLLM.
@@ -183,6 +184,8 @@ class WorkerState:
     step: StepContext | None = None
     qkv: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> this step's pre-RoPE q/k/v rows
     kept: KeptLog | None = None  # set it to record what every compaction keeps
+    fresh_rows: set[str] = field(default_factory=set)  # compacted into fresh blocks this step: the integration
+    # moves them to the front of the request's row before the next step (`Compaction.copied_row`)
 
     def restart(self, req_id: str, layer: int) -> None:
         """A fresh (or recomputed) prefill of the request: forget what the layer captured before."""
@@ -190,11 +193,16 @@ class WorkerState:
         self.scores.restart(req_id, layer)
 
     def purge(self, finished, preempted=()) -> None:
-        """Finished or aborted requests leave nothing; preempted ones select afresh when recomputed."""
+        """Finished or aborted requests leave nothing; preempted ones select afresh when recomputed, and
+        capture their window queries and scores afresh (with a prefix-cache hit the recompute does not
+        start at position 0, where `restart` would drop them)."""
         for store in (self.queries, self.scores, self.lanes):
             store.purge(finished)
+        self.queries.purge(preempted)
+        self.scores.purge(preempted)
         for req_id in (*finished, *preempted):
             self.selections.drop(req_id)
+            self.fresh_rows.discard(req_id)
 
 
 _local = threading.local()

@@ -28,6 +28,7 @@ class RowInfo:
     num_scheduled: int  # tokens computed in this step
     prompt_len: int
     plan: RequestPlan
+    num_blocks: int = 0  # blocks in the request's row this step
 
     @property
     def end(self) -> int:
@@ -56,6 +57,14 @@ class RowInfo:
         """This step writes the KV at the compaction point: compact after its attention."""
         target = self.target
         return target is not None and self.num_computed < target <= self.end
+
+    @property
+    def copies_into_fresh(self) -> bool:
+        """Copy-on-compact: this step's first compaction writes into the n fresh blocks the scheduler put
+        after the row's own (it does when the pool has them; otherwise the row is compacted in place)."""
+        comp = self.plan.compaction
+        return (comp is not None and comp.copy_on_compact and self.reaches_point and self.target == comp.start
+                and self.num_blocks >= comp.fresh_block + comp.kept_blocks)
 
     @property
     def reads_lanes(self) -> bool:

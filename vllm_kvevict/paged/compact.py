@@ -34,15 +34,17 @@ def gather_dense(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, nu
     return k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
 
 
-def rect_addresses(row: torch.Tensor, kept: torch.Tensor, block_size: int) -> tuple[Addresses, Addresses]:
-    """Sources and destinations of rectangular compaction: head h's kept[h, j] moves to position j."""
+def rect_addresses(row: torch.Tensor, kept: torch.Tensor, block_size: int, into: torch.Tensor | None = None
+                   ) -> tuple[Addresses, Addresses]:
+    """Sources and destinations of rectangular compaction: head h's kept[h, j] moves to position j of
+    `into` (default: the row itself; copy-on-compact passes the fresh blocks)."""
     num_heads, num_kept = kept.shape
     kept = kept.to(row.device).long()
     heads = torch.arange(num_heads, device=row.device).unsqueeze(1).expand_as(kept).reshape(-1)
     src = kept.reshape(-1)
     dst = torch.arange(num_kept, device=row.device).repeat(num_heads)
     return ((row[src // block_size].long(), heads, src % block_size),
-            (row[dst // block_size].long(), heads, dst % block_size))
+            ((row if into is None else into)[dst // block_size].long(), heads, dst % block_size))
 
 
 def move_tokens(keys: torch.Tensor, values: torch.Tensor, src: Addresses, dst: Addresses) -> None:

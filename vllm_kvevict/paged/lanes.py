@@ -82,18 +82,19 @@ class LaneMap:
         return g // self.num_heads, g % self.num_heads, i % self.block_size
 
 
-def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneMap
+def pack_addresses(row: torch.Tensor, kept: Sequence[torch.Tensor], lanes: LaneMap, into: torch.Tensor | None = None
                    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Where each kept token is read from and written to: ((block, head, slot), (block, lane, slot)).
 
     Sources use standard addressing (head h's position p at (row[p // bs], h, p % bs)); destinations
-    are the head's lanes in order. All six tensors have one entry per kept token, heads concatenated.
+    are the head's lanes in order, in the row's leading blocks or in `into` (copy-on-compact's fresh
+    blocks). All six tensors have one entry per kept token, heads concatenated.
     Shared by the torch twin below and the Triton one (`move_triton.pack_lanes`).
     """
     if len(kept) != lanes.num_heads:
         raise ValueError(f"kept has {len(kept)} heads, the lane map {lanes.num_heads}")
     block_size = lanes.block_size
-    dst = _lane_destinations(row, kept, lanes)
+    dst = _lane_destinations(row if into is None else into, kept, lanes)
     src = []
     for h, pos in enumerate(kept):
         pos = pos.to(row.device).long()

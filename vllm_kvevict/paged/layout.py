@@ -39,15 +39,31 @@ blocks while its prompt is prefilled, and n + ceil((T - P_last)/bs) after it, pl
                     [ kept  ] [ freed at P_0   ] [ freed at P_1       ]       [ tail ]
 
 In general C_k = (P_k // bs) * bs, so tail_block(k) = P_k // bs for both schemes.
+
+Copy-on-compact (prefix caching on): the prompt's full blocks may be shared through the prefix cache,
+so compaction 0 never writes into them. The scheduler appends n fresh blocks to the row on the step
+that reaches P_0 (F = ceil(P_0 / bs)), the policy's kept tokens are written there, and before the next
+step both sides move them to the front (`copied_row`); the row's original full blocks go back to the
+pool with their hashes, cached and evictable, and the request hashes nothing more:
+
+    step reaching P_0:  0 ... C_0/bs - 1 | C_0/bs ... F - 1 | F ... F + n - 1
+                        [ full, hashed   ] [ tail (partial) ] [ fresh: kept tokens ]
+    after it:           F ... F + n - 1 | null ... | C_0/bs ... F - 1 | (new tail blocks)
+                        [ compacted     ]            [ tail         ]
+
+From then on the row is the one above and later compactions (decode-time, per chunk) work in place
+inside the fresh blocks, which were never hashed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence, TypeVar
 
 import torch
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Compaction:
@@ -60,6 +76,7 @@ class Compaction:
     interval_blocks: int = 0  # I / bs: decode-time re-compaction every I tokens (0: never)
     first_point: int | None = None  # P_0 (None: the prompt's end); per-chunk prefill eviction starts earlier
     last_epoch: int | None = None  # the last compaction (None: every interval for ever, if any)
+    copy_on_compact: bool = False  # compaction 0 writes into n fresh blocks, not row[0:n] (prefix caching)
 
     @property
     def start(self) -> int:
@@ -124,6 +141,20 @@ class Compaction:
         """Logical blocks [start, end) freed by compaction `epoch`."""
         start = self.kept_blocks if epoch == 0 else self.tail_block(epoch - 1)
         return start, self.tail_block(epoch)
+
+    @property
+    def fresh_block(self) -> int:
+        """F: where the n fresh blocks of copy-on-compact sit in the row on the step that reaches P_0."""
+        return -(-self.start // self.block_size)
+
+    def copied_row(self, row: Sequence[T], filler: T) -> tuple[list[T], list[T]]:
+        """Copy-on-compact, after compaction 0: (the row with the fresh blocks moved to the front and
+        `filler` where the freed blocks were, the original blocks the request lets go of)."""
+        n, tail, fresh = self.kept_blocks, self.tail_start_block, self.fresh_block
+        if len(row) < fresh + n:
+            raise ValueError(f"a row of {len(row)} blocks has no {n} fresh blocks at {fresh}")
+        moved = list(row[fresh : fresh + n]) + [filler] * (tail - n) + list(row[tail:fresh]) + list(row[fresh + n :])
+        return moved, list(row[:tail])
 
     def physical_len(self, logical_len: int, epoch: int | None = None) -> int:
         """Tokens attention reads for a request whose logical length is `logical_len`."""

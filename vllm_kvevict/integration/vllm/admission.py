@@ -34,8 +34,8 @@ def install() -> None:
                 self._kvevict_enabled = current_platform.is_cpu() or kv_requested(self.vllm_config.additional_config)
             try:
                 validate_request(
-                    server, params.extra_args, prefix_caching=bool(self.cache_config.enable_prefix_caching),
-                    eager=bool(self.vllm_config.model_config.enforce_eager), enabled=self._kvevict_enabled,
+                    server, params.extra_args, eager=bool(self.vllm_config.model_config.enforce_eager),
+                    enabled=self._kvevict_enabled,
                 )
             except ValueError as exc:
                 field = bad_field(str(exc))

@@ -9,9 +9,9 @@ offline path (`LLM(..., additional_config={"kv_evict": {...}})`) is configured t
            our GPU worker on vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0, set before the config is
            built), TRITON_ATTN (our subclass of it). Without one, vLLM runs as shipped.
 
-Prefix caching is turned off under a server-wide eviction policy: compaction rewrites a prompt's
-leading blocks in place, and those blocks may be shared with other requests through the prefix
-cache. (Compacting into fresh blocks would keep the prefix cache valid; not done yet.)
+Prefix caching stays as vLLM sets it. With it on, compaction copies the kept tokens into fresh blocks
+and hands the prompt's own blocks back to the prefix cache (scheduler.py); with it off, compaction
+works in place.
 """
 
 from __future__ import annotations
@@ -63,9 +63,6 @@ def configure(vllm_config) -> None:
     par = vllm_config.parallel_config
     if par.worker_cls in stock_workers:
         par.worker_cls = worker_cls
-    if config.kind == "evict" and vllm_config.cache_config.enable_prefix_caching:
-        logger.warning("vllm-kvevict: %s compacts prompts in place; disabling prefix caching", config.policy)
-        vllm_config.cache_config.enable_prefix_caching = False
     if config.kind != "none":
         logger.info("vllm-kvevict: KV policy %s, budget %s", config.policy, config.budget)
         if build_policy(config).declaration.layers_differ:

@@ -10,6 +10,16 @@ more requests run concurrently.
 Preemption frees all of a request's blocks and recomputes it; the worker compacts it again, with
 the same result (policies are deterministic), and it is freed again here. Both sides derive the
 block counts from the request's plan (`core.requests`), worked out once per request.
+
+With prefix caching on, compaction copies (`layout.Compaction.copied_row`): the step that reaches the
+first compaction point gets n fresh blocks after the row's own, the worker writes the kept tokens
+there, and before the next step this scheduler moves them to the front and hands the prompt's original
+blocks back to the pool (hashed: a later request with the same prefix reads the full-fidelity KV).
+When the pool has no n free blocks, a request whose leading blocks no one else holds is compacted in
+place, and those blocks leave the prefix cache first; one that shares them waits for memory like any
+request. Either way the request is hashed no further (its later KV is computed over the compacted
+context), and a prefix-cache hit never covers the tokens its policy must compute to score
+(`RequestPlan.cacheable_prefix`).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from vllm_kvevict.core.requests import PlanBook, server_config
 from vllm_kvevict.integration.vllm.metrics import REPORT_ATTR, EvictionCounters, attach
 
 logger = logging.getLogger("vllm_kvevict")
+NEVER_HASHED = 1 << 62  # num_cached_block past any row's end: vLLM's cache_blocks hashes nothing more
 
 
 class KVEvictScheduler(Scheduler):
@@ -32,9 +43,13 @@ class KVEvictScheduler(Scheduler):
         self.kv_server_config = server_config(self.vllm_config.additional_config)
         self.kv_block_size = self.cache_config.block_size
         self.kv_num_layers = self.vllm_config.model_config.get_total_num_hidden_layers()  # global layer ids, also under PP
-        self.kv_plans = PlanBook(self.kv_server_config, self.kv_block_size, self.kv_num_layers)
+        self.kv_plans = PlanBook(self.kv_server_config, self.kv_block_size, self.kv_num_layers,
+                                 copy_on_compact=bool(self.cache_config.enable_prefix_caching))
         self.kv_freed: dict[str, int] = {}  # request id -> freed block count (compaction applied)
+        self.kv_copied: set[str] = set()  # requests whose compaction 0 writes into fresh blocks
         self.kv_counters = EvictionCounters()
+        if self.kv_plans.copy_on_compact:
+            self._wrap_prefix_cache(self.kv_cache_manager)
 
     # ---- hooks -----------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
@@ -84,12 +99,96 @@ class KVEvictScheduler(Scheduler):
     def _preempt_request(self, request, *args, **kwargs):
         # all blocks go back to the pool; the recomputed prompt is compacted (and freed) again
         self.kv_freed.pop(request.request_id, None)
+        self.kv_copied.discard(request.request_id)
         return super()._preempt_request(request, *args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
         self.kv_freed.pop(request.request_id, None)
+        self.kv_copied.discard(request.request_id)
         self.kv_plans.forget((request.request_id,))
         return super()._free_request(request, *args, **kwargs)
+
+    # ---- copy-on-compact (prefix caching) -----------------------------------------------------------
+    def _wrap_prefix_cache(self, manager) -> None:
+        """Cap each request's prefix-cache hit, and give the step that reaches the first compaction point
+        its n fresh blocks (instance attributes of this scheduler's KV cache manager, not class patches)."""
+        find_hit, allocate = manager.get_computed_blocks, manager.allocate_slots
+
+        def get_computed_blocks(request):
+            blocks, hit, boundary = find_hit(request)
+            limit = self.kv_plan(request).cacheable_prefix
+            if limit is not None and hit > limit:
+                keep = limit // self.kv_block_size
+                blocks = manager.create_kv_cache_blocks(tuple(group[:keep] for group in blocks.blocks))
+                hit, boundary = keep * self.kv_block_size, min(boundary, keep * self.kv_block_size)
+            return blocks, hit, boundary
+
+        def allocate_slots(request, num_new_tokens, num_new_computed_tokens=0, **kwargs):
+            comp = self.kv_plan(request).compaction
+            start = request.num_computed_tokens
+            if comp is None or not comp.copy_on_compact or not start < comp.start <= start + num_new_computed_tokens \
+                    + num_new_tokens:
+                return allocate(request, num_new_tokens, num_new_computed_tokens, **kwargs)
+            # this step reaches the first compaction point: copy into n fresh blocks if the pool has them
+            reserved = kwargs.pop("reserved_blocks", 0)
+            new_blocks = allocate(request, num_new_tokens, num_new_computed_tokens,
+                                  reserved_blocks=reserved + comp.kept_blocks, **kwargs)
+            if new_blocks is not None:
+                new_blocks = manager.create_kv_cache_blocks((list(new_blocks.blocks[0]) + self._append_fresh(request),))
+            elif not self._shares_leading_blocks(request, comp, kwargs.get("new_computed_blocks")):
+                new_blocks = allocate(request, num_new_tokens, num_new_computed_tokens, reserved_blocks=reserved,
+                                      **kwargs)
+                if new_blocks is not None:  # no room: in place, over blocks no one else reads
+                    self._unhash_leading_blocks(request, comp)
+            self._stop_hashing(request, new_blocks)
+            return new_blocks
+
+        manager.get_computed_blocks = get_computed_blocks
+        manager.allocate_slots = allocate_slots
+
+    def _blocks_of(self, request) -> list:
+        return self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(request.request_id, [])
+
+    def _append_fresh(self, request) -> list:
+        """The n fresh blocks compaction 0 writes into, after the row's own (`Compaction.fresh_block`)."""
+        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        blocks = manager.req_to_blocks[request.request_id]
+        comp = self.kv_plan(request).compaction
+        if len(blocks) != comp.fresh_block:
+            raise RuntimeError(f"kvevict: {request.request_id} holds {len(blocks)} blocks at its compaction point, "
+                               f"its plan says {comp.fresh_block}")
+        fresh = manager.block_pool.get_new_blocks(comp.kept_blocks)
+        blocks.extend(fresh)
+        if manager._record_new_block_ids:
+            manager.new_block_ids.extend(b.block_id for b in fresh)
+        self.kv_copied.add(request.request_id)
+        return fresh
+
+    def _shares_leading_blocks(self, request, comp, hit_blocks) -> bool:
+        """Whether another request holds one of the n blocks in-place compaction would overwrite."""
+        held = self._blocks_of(request)[: comp.kept_blocks]
+        hit = [] if hit_blocks is None else hit_blocks.blocks[0][: comp.kept_blocks - len(held)]
+        return any(b.ref_cnt > 1 for b in held) or any(b.ref_cnt > 0 for b in hit)
+
+    def _unhash_leading_blocks(self, request, comp) -> None:
+        pool = self.kv_cache_manager.block_pool
+        for block in self._blocks_of(request)[: comp.kept_blocks]:
+            pool._maybe_evict_cached_block(block)
+
+    def _stop_hashing(self, request, new_blocks) -> None:
+        """From the compaction point on the request's KV is computed over the compacted context: none of it
+        may be found by the prefix cache (vLLM hashes up to `num_cached_block`; this puts it past any end)."""
+        if new_blocks is not None:
+            manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+            manager.num_cached_block[request.request_id] = NEVER_HASHED
+
+    def _release_prompt_blocks(self, request, comp, manager) -> None:
+        """After copy-on-compact's compaction 0: the fresh blocks go to the front of the row, the prompt's
+        own blocks back to the pool (the last ones first in line for eviction, as vLLM frees)."""
+        blocks = manager.req_to_blocks[request.request_id]
+        moved, originals = comp.copied_row(blocks, manager._null_block)
+        blocks[:] = moved
+        manager.block_pool.free_blocks(reversed(originals))
 
     # ---- freeing -----------------------------------------------------------------------------------
     def _free_compacted_blocks(self) -> None:
@@ -106,6 +205,9 @@ class KVEvictScheduler(Scheduler):
             manager = self.kv_cache_manager.coordinator.single_type_managers[0]
             start = comp.freed_range(done + 1)[0]
             end = comp.freed_range(epoch)[1]
+            if done < 0 and rid in self.kv_copied:
+                self._release_prompt_blocks(request, comp, manager)
+                start = comp.tail_block(0)
             manager._remove_blocks_in_range(rid, start, end)
             self.kv_freed[rid] = epoch
             prompt_epoch = comp.epoch(comp.prompt_len)  # the compaction that ends the prompt's eviction

@@ -27,13 +27,12 @@ def check_servable(config: PolicyConfig, *, eager: bool = True) -> None:
             "through a hook on the qkv projection, which a compiled model does not run")
 
 
-def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None, *, prefix_caching: bool,
-                     eager: bool = True, enabled: bool = True) -> PolicyConfig:
+def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None, *, eager: bool = True,
+                     enabled: bool = True) -> PolicyConfig:
     """The request's config, or ValueError naming the bad `vllm_xargs` field (the API answers 400).
 
-    With prefix caching on (only possible when the server-wide policy is `none`), a request may not
-    switch eviction on: compaction rewrites blocks in place that the prefix cache may share. A server
-    started without any KV setting on CUDA (`enabled` False) runs vLLM as shipped and takes none.
+    A server started without any KV setting on CUDA (`enabled` False) runs vLLM as shipped and takes none.
+    Prefix caching restricts nothing: with it on, compaction copies into fresh blocks.
     """
     overrides = request_overrides(extra_args)
     if not overrides:
@@ -46,11 +45,6 @@ def validate_request(server: PolicyConfig, extra_args: Mapping[str, Any] | None,
         check_servable(config, eager=eager)
     except ValueError as exc:
         raise ValueError(f"vllm_xargs: {exc}") from None
-    if prefix_caching and config.kind == "evict":
-        raise ValueError(
-            f"vllm_xargs: kv_policy={config.policy!r} needs prefix caching off; this server runs "
-            "kv_policy='none' with prefix caching on (start it with --kv-policy, or --no-enable-prefix-caching)"
-        )
     return config
 
 

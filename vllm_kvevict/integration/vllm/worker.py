@@ -28,12 +28,14 @@ def publish_step(runner, num_reqs: int) -> StepContext:
     batch = runner.input_batch
     query_start = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
     computed = batch.num_computed_tokens_cpu
+    num_blocks = batch.block_table.block_tables[0].num_blocks_per_row
     rows = []
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
         params = runner.requests[req_id].sampling_params
         prompt_len = int(batch.num_prompt_tokens[i])
         plan = plans.get(req_id, params.extra_args if params is not None else None, prompt_len)
-        rows.append(RowInfo(req_id, int(computed[i]), query_start[i + 1] - query_start[i], prompt_len, plan))
+        rows.append(RowInfo(req_id, int(computed[i]), query_start[i + 1] - query_start[i], prompt_len, plan,
+                            int(num_blocks[i])))
     step = StepContext(tuple(rows), plans.num_layers)
     worker_state().step = step
     return step
@@ -44,7 +46,8 @@ def instrument_runner(runner, vllm_config) -> None:
     if getattr(runner, "_kvevict_instrumented", False):
         return
     runner._kvevict_plans = PlanBook(server_config(vllm_config.additional_config), vllm_config.cache_config.block_size,
-                                     vllm_config.model_config.get_total_num_hidden_layers())  # global ids under PP
+                                     vllm_config.model_config.get_total_num_hidden_layers(),  # global ids under PP
+                                     copy_on_compact=bool(vllm_config.cache_config.enable_prefix_caching))
     original_build = runner._build_attention_metadata
     original_update = runner._update_states
 
@@ -56,11 +59,33 @@ def instrument_runner(runner, vllm_config) -> None:
         finished = scheduler_output.finished_req_ids  # finished or aborted
         worker_state().purge(finished, scheduler_output.preempted_req_ids or ())
         runner._kvevict_plans.forget(finished)
+        move_fresh_blocks(runner)
         return original_update(scheduler_output, *args, **kwargs)
 
     runner._build_attention_metadata = build_attention_metadata
     runner._update_states = update_states
     runner._kvevict_instrumented = True
+
+
+def move_fresh_blocks(runner) -> None:
+    """Copy-on-compact: the requests whose first compaction wrote into fresh blocks last step get the row
+    the scheduler gave them meanwhile (`Compaction.copied_row`). vLLM's runner only appends block ids to a
+    running request's row, so the row is rewritten here: in the request's state (what a request that
+    rejoins the batch is rebuilt from) and in the persistent batch's block table."""
+    state = worker_state()
+    batch = runner.input_batch
+    for req_id in state.fresh_rows:
+        req = runner.requests.get(req_id)
+        if req is None:
+            continue
+        comp = runner._kvevict_plans.get(req_id, req.sampling_params.extra_args if req.sampling_params else None,
+                                         req.num_prompt_tokens).compaction
+        moved, _ = comp.copied_row(req.block_ids[0], 0)  # freed slots never read again; vLLM's null block is 0
+        req.block_ids = (moved, *req.block_ids[1:])
+        index = batch.req_id_to_index.get(req_id)
+        if index is not None:
+            batch.block_table.add_row(req.block_ids, index)
+    state.fresh_rows.clear()
 
 
 def capture_qkv(model) -> int:

@@ -1,0 +1,214 @@
+"""`vllm-kvevict bench prefix`: a shared-prefix chat workload, with and without the prefix cache.
+
+`documents` conversations side by side, each about one document of `doc_len` tokens of natural text
+holding `questions` needles (a key and its 7-digit number). Turn k resends the document, every earlier
+question and the model's answers, and asks for the k-th key's number; a conversation's next turn is
+submitted when its previous one finishes. Three phases, each in its own process (prefix caching is an
+engine setting), on the same pool:
+
+    none + prefix cache       vLLM as shipped
+    POLICY, prefix cache off  in-place compaction: what every eviction engine does
+    POLICY + prefix cache     copy-on-compact: the prompt's blocks go back to the cache at full fidelity
+
+Per phase: the prefix-cache hit rate (vLLM's per-request cached tokens / prompt tokens), TTFT p50 / p95
+over all turns and over follow-up turns (k >= 2), output tokens/s (wall time, prefill included), blocks
+per running request (mean over steps), and accuracy of first and follow-up turns (the number in the
+answer) with a Wilson interval. Ratios are to the first phase, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vllm_kvevict.bench.capacity import percentile
+from vllm_kvevict.eval.engine import check_policies, cpu_defaults, make_llm, policy_args
+from vllm_kvevict.eval.scoring import wilson
+
+ANSWER = "The special magic number for {key} mentioned in the provided text is"
+
+
+@dataclass
+class PrefixSpec:
+    policy: str = "snapkv"
+    budget: int | float = 256
+    documents: int = 8
+    questions: int = 4
+    doc_len: int = 2048
+    max_tokens: int = 16
+    kv_blocks: int = 192
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_policies([self.policy], [self.budget])
+        for name, low in (("documents", 1), ("questions", 2), ("doc_len", 256), ("max_tokens", 8)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
+        need = -(-(self.doc_len + self.questions * (48 + self.max_tokens) + 256) // 128)
+        if self.kv_blocks <= need:
+            raise ValueError(f"kv_blocks={self.kv_blocks} cannot hold one conversation's last turn ({need} blocks "
+                             "of 128 tokens); use more")
+
+    def phases(self) -> list[tuple[str, bool]]:
+        return [("none", True), (self.policy, False), (self.policy, True)]
+
+
+def conversations(tokenizer, spec: PrefixSpec) -> list[dict[str, Any]]:
+    """Per document: its text and (key, number) needles, spread evenly through it."""
+    from vllm_kvevict.eval.tasks import KEY_NOUNS, KEY_WORDS, natural_sentences
+
+    sentences = natural_sentences()
+    out = []
+    for d in range(spec.documents):
+        rng = random.Random(f"{spec.seed}/prefix/{d}")
+        keys = rng.sample([f"{w}-{n}" for w in KEY_WORDS for n in KEY_NOUNS], spec.questions)
+        values = [str(rng.randrange(10**6, 10**7)) for _ in keys]
+        spots = [int(spec.doc_len * (k + 0.5) / spec.questions) for k in range(spec.questions)]
+        text, used, i = [], 0, rng.randrange(len(sentences))
+        while used < spec.doc_len:
+            while spots and used >= spots[0]:
+                k = spec.questions - len(spots)
+                text.append(f"One of the special magic numbers for {keys[k]} is: {values[k]}.")
+                spots.pop(0)
+            text.append(sentences[i % len(sentences)])
+            used += len(tokenizer(" " + text[-1], add_special_tokens=False)["input_ids"])
+            i += 1
+        out.append({"document": " ".join(text), "keys": keys, "values": values})
+    return out
+
+
+def turn_prompt(tokenizer, conv: dict[str, Any], answers: list[str]) -> list[int]:
+    """Token ids of turn len(answers): the document, earlier questions and answers, the next question."""
+    messages = []
+    for k in range(len(answers) + 1):
+        question = f"What is the special magic number for {conv['keys'][k]} mentioned in the provided text?"
+        messages.append({"role": "user", "content": conv["document"] + "\n\n" + question if k == 0 else question})
+        if k < len(answers):
+            messages.append({"role": "assistant", "content": ANSWER.format(key=conv["keys"][k]) + answers[k]})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text + ANSWER.format(key=conv["keys"][len(answers)]), add_special_tokens=False)["input_ids"]
+
+
+def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -> dict[str, Any]:
+    """One phase on a fresh engine in this process."""
+    from vllm import SamplingParams, TokensPrompt
+
+    cpu_defaults()
+    max_len = spec.doc_len + spec.questions * (48 + spec.max_tokens) + 256  # the last turn, with room
+    llm = make_llm(model, max_len, kv_blocks=spec.kv_blocks, enable_prefix_caching=prefix_caching)
+    tokenizer = llm.get_tokenizer()
+    convs = conversations(tokenizer, spec)
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
+    params = SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, extra_args=policy_args(policy, spec.budget))
+    answers: list[list[str]] = [[] for _ in convs]
+    submitted: dict[str, tuple[int, int, float, int]] = {}  # request -> (conversation, turn, time, prompt tokens)
+    rows: list[dict[str, Any]] = []
+    per_request_blocks: list[float] = []
+
+    def submit(c: int) -> None:
+        ids = turn_prompt(tokenizer, convs[c], answers[c])
+        name = engine.add_request(f"c{c}-t{len(answers[c])}", TokensPrompt(prompt_token_ids=ids), params)
+        submitted[name] = (c, len(answers[c]), time.perf_counter(), len(ids))
+
+    start = time.perf_counter()
+    for c in range(len(convs)):
+        submit(c)
+    first_token: dict[str, float] = {}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        if sched.running:
+            held = sum(sum(1 for b in manager.req_to_blocks.get(r.request_id, ()) if not b.is_null) for r in sched.running)
+            per_request_blocks.append(held / len(sched.running))
+        for out in outputs:
+            if out.outputs[0].token_ids and out.request_id not in first_token:
+                first_token[out.request_id] = now
+            if not out.finished:
+                continue
+            c, turn, t0, n_prompt = submitted[out.request_id]
+            text = tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+            rows.append({"conversation": c, "turn": turn, "prompt_tokens": n_prompt, "cached": out.num_cached_tokens,
+                         "ttft_s": first_token[out.request_id] - t0, "output_tokens": len(out.outputs[0].token_ids),
+                         "correct": convs[c]["values"][turn] in text})
+            answers[c].append(text)
+            if len(answers[c]) < spec.questions:
+                submit(c)
+    wall = time.perf_counter() - start
+    return summarize(rows, wall, per_request_blocks, policy, prefix_caching)
+
+
+def summarize(rows: list[dict[str, Any]], wall: float, per_request_blocks: list[float], policy: str,
+              prefix_caching: bool) -> dict[str, Any]:
+    later = [r for r in rows if r["turn"] > 0]
+    first = [r for r in rows if r["turn"] == 0]
+
+    def accuracy(part: list[dict[str, Any]]) -> dict[str, Any]:
+        hits = sum(r["correct"] for r in part)
+        low, high = wilson(hits, len(part))
+        return {"accuracy": hits / max(1, len(part)), "n": len(part), "low": low, "high": high}
+
+    return {
+        "policy": policy, "prefix_caching": prefix_caching, "requests": len(rows), "seconds": wall,
+        "hit_rate": sum(r["cached"] for r in rows) / sum(r["prompt_tokens"] for r in rows),
+        "ttft_p50_s": percentile([r["ttft_s"] for r in rows], 50),
+        "ttft_p95_s": percentile([r["ttft_s"] for r in rows], 95),
+        "followup_ttft_p50_s": percentile([r["ttft_s"] for r in later], 50),
+        "followup_ttft_p95_s": percentile([r["ttft_s"] for r in later], 95),
+        "output_tok_s": sum(r["output_tokens"] for r in rows) / wall,
+        "blocks_per_running_request": sum(per_request_blocks) / max(1, len(per_request_blocks)),
+        "first_turn": accuracy(first), "followup": accuracy(later),
+    }
+
+
+def run(spec: PrefixSpec, model: str, progress: bool = True) -> dict[str, Any]:
+    """Every phase in its own process (one engine per process), then the side-by-side document."""
+    spec.validate()
+    results = []
+    for k, (policy, caching) in enumerate(spec.phases()):
+        if progress:
+            print(f"[{k + 1}/3] {policy}, prefix caching {'on' if caching else 'off'}", file=sys.stderr, flush=True)
+        job = json.dumps({"spec": asdict(spec), "model": model, "policy": policy, "prefix_caching": caching})
+        proc = subprocess.run([sys.executable, "-m", "vllm_kvevict.bench.prefix"], input=job, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"phase {policy} (prefix caching {caching}) failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = results[0]
+    for r in results:
+        r["ttft_p50_ratio"] = r["ttft_p50_s"] / base["ttft_p50_s"]
+        r["followup_ttft_p50_ratio"] = r["followup_ttft_p50_s"] / base["followup_ttft_p50_s"]
+        r["hit_rate_points_vs_first"] = 100 * (r["hit_rate"] - base["hit_rate"])
+    return {"date": _dt.date.today().isoformat(), "spec": asdict(spec), "model": model, "phases": results}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    spec = doc["spec"]
+    lines = [f"# Shared-prefix chat: {spec['documents']} documents x {spec['questions']} turns, "
+             f"{spec['doc_len']}-token documents, {spec['policy']} at budget {spec['budget']}",
+             "", f"Run {doc['date']}, pool {spec['kv_blocks']} blocks; ratios to the first row, same run.", "",
+             "| phase | hit rate | TTFT p50 / p95 (s) | follow-up TTFT p50 / p95 (s) | output tok/s | blocks per "
+             "running request | first-turn accuracy | follow-up accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in doc["phases"]:
+        name = f"{r['policy']}, prefix cache {'on' if r['prefix_caching'] else 'off'}"
+        acc = [f"{a['accuracy']:.2f} [{a['low']:.2f}, {a['high']:.2f}] (n={a['n']})"
+               for a in (r["first_turn"], r["followup"])]
+        lines.append(f"| {name} | {r['hit_rate']:.2f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} "
+                     f"({r['ttft_p50_ratio']:.2f}x) | {r['followup_ttft_p50_s']:.2f} / {r['followup_ttft_p95_s']:.2f} "
+                     f"({r['followup_ttft_p50_ratio']:.2f}x) | {r['output_tok_s']:.1f} | "
+                     f"{r['blocks_per_running_request']:.1f} | {acc[0]} | {acc[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # one phase: JSON job on stdin, the phase's JSON on the last stdout line
+    job = json.loads(sys.stdin.read())
+    result = run_phase(PrefixSpec(**job["spec"]), job["model"], job["policy"], job["prefix_caching"])
+    print(json.dumps(result))
