@@ -59,9 +59,9 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The quality and capacity runs behind docs/results.md (about 90 minutes on 2 idle CPU cores, estimated from
-# ~335 prompt tok/s for ~520 2K requests + the capacity run; run it
-# alone; not part of `test`). The quality grid gives n = 12 needle samples per (policy, budget) at 2K
+# The quality and capacity runs behind docs/results.md (about 100 minutes on 2 CPU cores: the main eval took
+# 58 min and the 1K/4K eval 20 on 2026-12-03 while tests ran beside them, the capacity run is ~20 more; run
+# it alone; not part of `test`). The quality grid gives n = 12 needle samples per (policy, budget) at 2K
 # (3 needle tasks x 2 depths x 2 samples) at budgets 1/8, 1/4, 1/2 of the prompt, pooled with an interval
 # in the report; the full cache also runs at 1K and 4K. The full task grid (EVAL_ARGS="... --tasks
 # passkey,niah,niah_multikey,niah_multivalue,vt,agreement,ppl --depths 0.1,0.5,0.9") is about 7 hours here.

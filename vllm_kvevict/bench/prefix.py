@@ -100,7 +100,9 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -
     from vllm import SamplingParams, TokensPrompt
 
     cpu_defaults()
-    max_len = spec.doc_len + spec.questions * (48 + spec.max_tokens) + 256  # the last turn, with room
+    # the last turn, with room; twice that, as a server's max_model_len sits well above its prompts (a prompt
+    # within n blocks of it compacts in place and shares nothing, which is not what this measures)
+    max_len = 2 * (spec.doc_len + spec.questions * (48 + spec.max_tokens) + 256)
     llm = make_llm(model, max_len, kv_blocks=spec.kv_blocks, enable_prefix_caching=prefix_caching)
     tokenizer = llm.get_tokenizer()
     convs = conversations(tokenizer, spec)
@@ -115,7 +117,8 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -
 
     def submit(c: int) -> None:
         ids = turn_prompt(tokenizer, convs[c], answers[c])
-        name = engine.add_request(f"c{c}-t{len(answers[c])}", TokensPrompt(prompt_token_ids=ids), params)
+        name = f"c{c}-t{len(answers[c])}"  # outputs carry this id (add_request returns vLLM's internal one)
+        engine.add_request(name, TokensPrompt(prompt_token_ids=ids), params)
         submitted[name] = (c, len(answers[c]), time.perf_counter(), len(ids))
 
     start = time.perf_counter()

@@ -116,7 +116,11 @@ class KVEvictScheduler(Scheduler):
 
         def get_computed_blocks(request):
             blocks, hit, boundary = find_hit(request)
-            limit = self.kv_plan(request).cacheable_prefix
+            plan = self.kv_plan(request)
+            limit = plan.cacheable_prefix
+            if plan.compaction is not None and plan.compaction.copy_on_compact \
+                    and not self._row_fits_copy(plan.compaction):
+                limit = 0  # it will compact in place: it shares nothing (and hashes nothing, see below)
             if limit is not None and hit > limit:
                 keep = limit // self.kv_block_size
                 blocks = manager.create_kv_cache_blocks(tuple(group[:keep] for group in blocks.blocks))
@@ -125,6 +129,9 @@ class KVEvictScheduler(Scheduler):
 
         def allocate_slots(request, num_new_tokens, num_new_computed_tokens=0, **kwargs):
             comp = self.kv_plan(request).compaction
+            if comp is not None and comp.copy_on_compact and not self._row_fits_copy(comp):
+                self._stop_hashing(request, True)  # no other request may come to share what it overwrites
+                return allocate(request, num_new_tokens, num_new_computed_tokens, **kwargs)
             start = request.num_computed_tokens
             if comp is None or not comp.copy_on_compact or not start < comp.start <= start + num_new_computed_tokens \
                     + num_new_tokens:
@@ -145,6 +152,12 @@ class KVEvictScheduler(Scheduler):
 
         manager.get_computed_blocks = get_computed_blocks
         manager.allocate_slots = allocate_slots
+
+    def _row_fits_copy(self, comp) -> bool:
+        """Whether the worker's block row (max_model_len / block_size wide) has room for the n fresh blocks
+        after the prompt's: a prompt near the length limit compacts in place, sharing nothing."""
+        width = -(-self.vllm_config.model_config.max_model_len // self.kv_block_size)
+        return comp is None or comp.fresh_block + comp.kept_blocks <= width
 
     def _blocks_of(self, request) -> list:
         return self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(request.request_id, [])
