@@ -2,7 +2,8 @@
 
 One engine, server-wide `locret` with budget 512 (chunk 512, stabilizers 256), 1024-token prefill
 steps. A 4K prompt keeps 4 blocks and compacts after every 512-token chunk from 1024 on, so it never
-holds more than kept + one chunk = 8 blocks (the full prompt needs 32).
+holds more than kept + one chunk = 8 blocks (the full prompt needs 32), + the 4 fresh blocks of the
+first compaction for one step (prefix caching on: its first 1024 tokens stay cached).
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def test_4k_prompt_at_budget_512_holds_kept_plus_one_chunk_and_answers(llm, tok)
 
     out = run_steps(llm, [("long", prompt, greedy(40))], on_step)
     text = tok.decode(out["long"])
+    bound = comp.kept_blocks + comp.interval_blocks
+    # prefix caching on (vLLM's default): the first compaction copies into n fresh blocks, held for one step
+    fresh = comp.kept_blocks if scheduler(llm).kv_plans.copy_on_compact else 0
     prefill = [(n, held) for n, held, _ in seen if n < prompt_len]
-    assert prefill and max(held for _, held in prefill) <= comp.kept_blocks + comp.interval_blocks, seen
-    assert max(held for _, held, _ in seen) <= comp.kept_blocks + comp.interval_blocks, seen  # and while decoding
-    assert max(held for _, held, _ in seen) < -(-prompt_len // BLOCK) // 3  # the full prompt needs 31-32
+    assert prefill and max(held for _, held in prefill) <= bound + fresh, seen
+    assert max(held for n, held, _ in seen if n > comp.start) <= bound, seen  # past the first point, and decoding
+    assert max(held for _, held, _ in seen) < -(-prompt_len // BLOCK) // 2  # the full prompt needs 31-32
     assert seen[-1][2] == comp.last_epoch  # every chunk's compaction ran and freed its blocks
     assert "Python" in text, text
     assert fluent(text), text

@@ -259,3 +259,13 @@ def test_copy_on_compact_writes_the_kept_tokens_into_fresh_blocks_and_leaves_the
     assert torch.equal(copied[row[fresh : fresh + n]], in_place[row[:n]])  # the same compacted region
     no_room = _row("r", policy, 96, prompt, 0, prompt, copy=True, num_blocks=fresh)  # the scheduler had no room
     assert prefill.copies_into_fresh and not no_room.copies_into_fresh
+
+
+def test_a_preempted_request_captures_its_window_afresh():
+    """With a prefix-cache hit, a recomputed request does not restart at position 0: what it captured
+    before preemption must go when it is preempted, not when it restarts."""
+    state = WorkerState()
+    state.queries.add("r", 0, 1908, torch.zeros(5, 4, DIM))
+    state.queries.add("other", 0, 100, torch.zeros(2, 4, DIM))
+    state.purge(finished=(), preempted=("r",))
+    assert state.queries.pop("r", 0) == [] and len(state.queries.pop("other", 0)) == 1
