@@ -117,10 +117,8 @@ class KVEvictScheduler(Scheduler):
         def get_computed_blocks(request):
             blocks, hit, boundary = find_hit(request)
             plan = self.kv_plan(request)
-            limit = plan.cacheable_prefix
-            if plan.compaction is not None and plan.compaction.copy_on_compact \
-                    and not self._row_fits_copy(plan.compaction):
-                limit = 0  # it will compact in place: it shares nothing (and hashes nothing, see below)
+            # a request too long to copy compacts in place: it shares nothing (and hashes nothing, see below)
+            limit = 0 if self._too_long_to_copy(plan.compaction) else plan.cacheable_prefix
             if limit is not None and hit > limit:
                 keep = limit // self.kv_block_size
                 blocks = manager.create_kv_cache_blocks(tuple(group[:keep] for group in blocks.blocks))
@@ -129,12 +127,11 @@ class KVEvictScheduler(Scheduler):
 
         def allocate_slots(request, num_new_tokens, num_new_computed_tokens=0, **kwargs):
             comp = self.kv_plan(request).compaction
-            if comp is not None and comp.copy_on_compact and not self._row_fits_copy(comp):
+            if self._too_long_to_copy(comp):
                 self._stop_hashing(request, True)  # no other request may come to share what it overwrites
-                return allocate(request, num_new_tokens, num_new_computed_tokens, **kwargs)
             start = request.num_computed_tokens
-            if comp is None or not comp.copy_on_compact or not start < comp.start <= start + num_new_computed_tokens \
-                    + num_new_tokens:
+            reaches = comp is not None and start < comp.start <= start + num_new_computed_tokens + num_new_tokens
+            if not reaches or not comp.copy_on_compact or self._too_long_to_copy(comp):
                 return allocate(request, num_new_tokens, num_new_computed_tokens, **kwargs)
             # this step reaches the first compaction point: copy into n fresh blocks if the pool has them
             reserved = kwargs.pop("reserved_blocks", 0)
@@ -153,18 +150,23 @@ class KVEvictScheduler(Scheduler):
         manager.get_computed_blocks = get_computed_blocks
         manager.allocate_slots = allocate_slots
 
-    def _row_fits_copy(self, comp) -> bool:
-        """Whether the worker's block row (max_model_len / block_size wide) has room for the n fresh blocks
-        after the prompt's: a prompt near the length limit compacts in place, sharing nothing."""
+    def _too_long_to_copy(self, comp) -> bool:
+        """Copy-on-compact, but the worker's block row (max_model_len / block_size wide) has no room for the
+        n fresh blocks after the prompt's: a prompt near the length limit compacts in place, sharing nothing."""
         width = -(-self.vllm_config.model_config.max_model_len // self.kv_block_size)
-        return comp is None or comp.fresh_block + comp.kept_blocks <= width
+        return comp is not None and comp.copy_on_compact and comp.fresh_block + comp.kept_blocks > width
+
+    @property
+    def _block_manager(self):
+        """The (only) attention group's block manager: its req_to_blocks, block pool and hash counts."""
+        return self.kv_cache_manager.coordinator.single_type_managers[0]
 
     def _blocks_of(self, request) -> list:
-        return self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks.get(request.request_id, [])
+        return self._block_manager.req_to_blocks.get(request.request_id, [])
 
     def _append_fresh(self, request) -> list:
         """The n fresh blocks compaction 0 writes into, after the row's own (`Compaction.fresh_block`)."""
-        manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+        manager = self._block_manager
         blocks = manager.req_to_blocks[request.request_id]
         comp = self.kv_plan(request).compaction
         if len(blocks) != comp.fresh_block:
@@ -192,8 +194,7 @@ class KVEvictScheduler(Scheduler):
         """From the compaction point on the request's KV is computed over the compacted context: none of it
         may be found by the prefix cache (vLLM hashes up to `num_cached_block`; this puts it past any end)."""
         if new_blocks is not None:
-            manager = self.kv_cache_manager.coordinator.single_type_managers[0]
-            manager.num_cached_block[request.request_id] = NEVER_HASHED
+            self._block_manager.num_cached_block[request.request_id] = NEVER_HASHED
 
     def _release_prompt_blocks(self, request, comp, manager) -> None:
         """After copy-on-compact's compaction 0: the fresh blocks go to the front of the row, the prompt's
@@ -215,7 +216,7 @@ class KVEvictScheduler(Scheduler):
             done = self.kv_freed.get(rid, -1)
             if epoch <= done:
                 continue
-            manager = self.kv_cache_manager.coordinator.single_type_managers[0]
+            manager = self._block_manager
             start = comp.freed_range(done + 1)[0]
             end = comp.freed_range(epoch)[1]
             if done < 0 and rid in self.kv_copied:
