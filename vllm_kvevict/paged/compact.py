@@ -27,11 +27,13 @@ def gather_dense(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, nu
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense keys and values [H_kv, T, D] of positions 0..T-1 of a request's block row."""
     block_size = keys.shape[2]
-    pos = torch.arange(num_tokens, device=row.device)
-    blocks, slots = row[pos // block_size].long(), pos % block_size
-    k = keys[blocks, :, slots]  # [T, H_kv, D]
-    v = values[blocks, :, slots]
-    return k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+    blocks = row[: -(-num_tokens // block_size)].long()  # whole blocks, then cut: one gather per block, not per token
+
+    def dense(cache: torch.Tensor) -> torch.Tensor:
+        picked = cache.index_select(0, blocks)  # [n, H_kv, bs, D]
+        return picked.transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :num_tokens]
+
+    return dense(keys), dense(values)
 
 
 def rect_addresses(row: torch.Tensor, kept: torch.Tensor, block_size: int, into: torch.Tensor | None = None

@@ -10,8 +10,6 @@ import math
 
 import torch
 
-from vllm_kvevict.policies.gqa import expand_kv
-
 
 def window_attention(
     queries: torch.Tensor, keys: torch.Tensor, causal: bool = True, query_start: int | None = None,
@@ -25,19 +23,22 @@ def window_attention(
     never seen either.
     """
     num_q, window, dim = queries.shape
-    num_tokens = keys.shape[1]
+    num_kv, num_tokens = keys.shape[0], keys.shape[1]
     if window > num_tokens:
         raise ValueError(f"window of {window} queries is longer than the {num_tokens}-token prompt")
     start = num_tokens - window if query_start is None else query_start
-    k = expand_kv(keys.float(), num_q // keys.shape[0])
-    logits = torch.einsum("hwd,htd->hwt", queries.float(), k) / math.sqrt(dim)
-    if causal:
+    group = num_q // num_kv
+    # one matmul per KV head over its group's queries (query head h reads KV head h // g): no copy of the keys
+    logits = torch.matmul(queries.float().reshape(num_kv, group * window, dim), keys.float().transpose(1, 2))
+    logits = logits.view(num_q, window, num_tokens).mul_(1.0 / math.sqrt(dim))
+    if causal and start + 1 < num_tokens:  # only keys after the first query's position can be in its future
+        seen = logits[..., start + 1 :]
         q_pos = torch.arange(start, start + window, device=logits.device).unsqueeze(1)
-        k_pos = torch.arange(num_tokens, device=logits.device).unsqueeze(0)
-        logits = logits.masked_fill(k_pos > q_pos, float("-inf"))
+        k_pos = torch.arange(start + 1, num_tokens, device=logits.device).unsqueeze(0)
+        seen.masked_fill_(k_pos > q_pos, float("-inf"))
     if key_mask is not None:
-        absent = ~key_mask.to(logits.device).repeat_interleave(num_q // keys.shape[0], dim=0)  # [H_q, T]
-        logits = logits.masked_fill(absent[:, None, :], float("-inf"))
+        absent = ~key_mask.to(logits.device).repeat_interleave(group, dim=0)  # [H_q, T]
+        logits.masked_fill_(absent[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
