@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vllm_kvevict.core.adapter import TORCH_CPU
+from vllm_kvevict.core.compaction import compact_due
 from vllm_kvevict.core.eviction import LayerEviction, plan_step
 from vllm_kvevict.core.requests import PlanBook, plan_for
 from vllm_kvevict.core.state import WorkerState
@@ -73,7 +74,8 @@ def test_plan_step_rewrites_lengths_and_rows_to_the_physical_layout():
     plan, lens, new_table = plan_step(StepContext(rows, 1), query_start, seq_lens, table, state)
     assert lens.tolist() == [3 * BS + 161 - 9 * BS, 1, 1, 150, 161]
     assert new_table[0, :5].tolist() == [0, 1, 2, 9, 10] and torch.equal(new_table[3:], table[3:])
-    assert list(plan.logical_rows) == [3] and torch.equal(plan.logical_rows[3], table[3])
+    assert list(state.due) == ["fill"] and torch.equal(state.due["fill"].table, table[3])  # compacted before the next
+    assert state.due["fill"].row is rows[3]
     assert torch.equal(plan.logical_tables, table)
     lanes = plan.lanes
     assert lanes.rows == (1,) and lanes.token_index.tolist() == [1] and lanes.query_pos.tolist() == [161 - 9 * BS - 1]
@@ -109,7 +111,11 @@ def test_a_layer_captures_compacts_and_attends_like_the_policy_says(policy):
     table = row[None].clone()
     plan, _, _ = plan_step(StepContext((prefill,), 1), [0, prompt], torch.tensor([prompt]), table, state)
     layer.before_attention(plan, query)
+    before = cache.clone()
     layer.after_attention(plan, query, cache, torch.zeros(prompt, HKV * GROUP * DIM))
+    assert torch.equal(cache, before) and list(state.due) == ["r"]  # the step's own attention read it all
+    compact_due(state, [(layer, cache)], 1)  # what the worker runs before the next forward
+    assert not state.due
 
     # what the policy keeps, from the same dense view and window queries
     pol = prefill.plan.policy
@@ -200,6 +206,7 @@ def test_a_head_lane_request_refills_its_lanes_at_decode_time_points():
         out = torch.zeros(scheduled, HKV * GROUP * DIM)
         layer.before_attention(plan, q)
         layer.after_attention(plan, q, cache, out)
+        compact_due(state, [(layer, cache)], 1)
         return r, physical, out
 
     r, _, _ = step(0, prompt)
@@ -244,6 +251,7 @@ def test_copy_on_compact_writes_the_kept_tokens_into_fresh_blocks_and_leaves_the
         plan, _, _ = plan_step(StepContext((prefill,), 1), [0, prompt], torch.tensor([prompt]), row[None].clone(), state)
         layer.before_attention(plan, query)
         layer.after_attention(plan, query, work, torch.zeros(prompt, HKV * GROUP * DIM))
+        compact_due(state, [(layer, work)], 1)
         results[copy] = (work, prefill.plan.compaction, state)
     (in_place, comp, _), (copied, copy_comp, state) = results[False], results[True]
     assert copy_comp.copy_on_compact and not comp.copy_on_compact and state.fresh_rows == {"r"}

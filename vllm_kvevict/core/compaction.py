@@ -1,5 +1,9 @@
 """Compaction of one request's layer, at compaction point P_k, over the layout of epoch k - 1.
 
+A step that reaches P_k notes it (`WorkerState.due`); `compact_due` runs those compactions, every layer,
+before the next step's forward reads or writes the cache (blocks the scheduler freed meanwhile are
+written by no one before that forward).
+
     epoch k-1 physical row:  [ compacted region (n blocks) | tail blocks since C_(k-1) ... ]   (k = 0: the
                              logical prompt row)
     region                   the first `region` physical positions: everything up to the new tail C_k
@@ -16,6 +20,7 @@ points a head-lane request keeps each head's lane count and refills its lanes, `
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +34,19 @@ from vllm_kvevict.policies.plan import LayerView
 
 if TYPE_CHECKING:
     from vllm_kvevict.core.eviction import LayerEviction
+    from vllm_kvevict.core.state import WorkerState
+
+
+def compact_due(state: WorkerState, layers: Iterable[tuple[LayerEviction, torch.Tensor]], num_layers: int) -> None:
+    """Every compaction the last step's rows reached, in each (layer, its KV cache tensor) of this worker."""
+    if not state.due:
+        return
+    due = list(state.due.values())
+    state.due.clear()
+    for layer, kv_cache in layers:
+        keys, values = layer.adapter.views(kv_cache)
+        for entry in due:
+            compact_layer(layer, entry.row, entry.table, keys, values, num_layers)
 
 
 def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys: torch.Tensor,
@@ -45,7 +63,6 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
     into = None
     if row.copies_into_fresh:  # the prompt's blocks stay as they are, for the prefix cache
         into = table[comp.fresh_block : comp.fresh_block + comp.kept_blocks]
-        layer.state.fresh_rows.add(row.req_id)
     decl = row.plan.declaration
     if Need.PRE_ROPE_QKV in decl.needs:
         kept = _retained(layer, row, k, region)

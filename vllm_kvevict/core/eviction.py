@@ -1,8 +1,9 @@
 """The backend-neutral eviction core: one step's plan, and what each attention layer does with it.
 
 A backend's metadata builder calls `plan_step` once per step; it rewrites the batch's lengths and
-block rows to the physical layout and returns the `StepPlan` every layer reads. A backend's attention
-impl owns one `LayerEviction` and calls it around its own kernel:
+block rows to the physical layout, notes the rows that reach a compaction point (`WorkerState.due`) and
+returns the `StepPlan` every layer reads. A backend's attention impl owns one `LayerEviction` and calls
+it around its own kernel:
 
     before_attention   keep the queries a policy scores with (Need.WINDOW_QUERIES), score this step's
                        tokens from their pre-RoPE q/k/v (Need.PRE_ROPE_QKV)
@@ -10,8 +11,12 @@ impl owns one `LayerEviction` and calls it around its own kernel:
                        rows whose output the core computes itself read only their own tokens
     after_attention    head-lane rows: attention over each head's lanes + tail (KeptLayout.HEAD_LANES);
                        selecting rows: attention over the selected positions (Trigger.PER_QUERY,
-                       `selecting.py`);
-                       rows reaching a compaction point: compact this layer (`compaction.py`)
+                       `selecting.py`)
+
+A row that reaches a compaction point is compacted before the next step's forward, every layer at once
+(`compaction.compact_due`, called by the integration): the step's own attention read the full context
+anyway, so its first token goes out without waiting, and a request that ends there never compacts.
+The next step's rewrite already reads the compacted layout; nothing touches the cache in between.
 
 Every memory access goes through the layer's `CacheAdapter` (torch twins on CPU_ATTN, Triton kernels on
 TRITON_ATTN). The core reads policies' declarations only; it never asks a policy's name.
@@ -24,9 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_kvevict.core.adapter import CacheAdapter
-from vllm_kvevict.core.compaction import compact_layer
 from vllm_kvevict.core.selecting import selected_attention
-from vllm_kvevict.core.state import WorkerState
+from vllm_kvevict.core.state import DueCompaction, WorkerState
 from vllm_kvevict.core.step import RowInfo, StepContext
 from vllm_kvevict.paged.layout import physical_rows
 
@@ -52,7 +56,6 @@ class StepPlan:
 
     step: StepContext
     query_start: list[int]  # batch row i's tokens are [query_start[i], query_start[i + 1])
-    logical_rows: dict[int, torch.Tensor]  # rows reaching a compaction point -> their logical block row
     logical_tables: torch.Tensor | None  # the logical block table (selecting rows read it)
     lanes: LaneBatch | None
 
@@ -69,7 +72,11 @@ def plan_step(step: StepContext, query_start: list[int], seq_lens: torch.Tensor,
     into those persistent buffers (at least as large as the batch), else into fresh tensors.
     """
     rows = step.rows
-    logical_rows = {i: block_table[i].clone() for i, row in enumerate(rows) if row.reaches_point}
+    for i, row in enumerate(rows):
+        if row.reaches_point:  # compacted before the next forward, every layer (`compact_due`)
+            state.due[row.req_id] = DueCompaction(row, block_table[i].clone())
+            if row.copies_into_fresh:
+                state.fresh_rows.add(row.req_id)
     logical_tables = block_table.clone() if any(row.selects for row in rows) else None
     new_lens, new_table = seq_lens, block_table
     changed = {i: _physical_len(row) for i, row in enumerate(rows) if row.compacted or row.attention_replaced}
@@ -90,7 +97,7 @@ def plan_step(step: StepContext, query_start: list[int], seq_lens: torch.Tensor,
             where = torch.tensor(compacted, device=block_table.device)
             new_table[where] = physical_rows(block_table[where], kept, tail)
     lanes = _lane_batch(rows, query_start, new_table, state)
-    return StepPlan(step, query_start, logical_rows, logical_tables, lanes), new_lens, new_table
+    return StepPlan(step, query_start, logical_tables, lanes), new_lens, new_table
 
 
 def _physical_len(row: RowInfo) -> int:
@@ -183,8 +190,6 @@ class LayerEviction:
             self._lane_attention(plan.lanes, query, keys, values, out)
         if plan.logical_tables is not None:
             selected_attention(self, plan, query, keys, values, out)
-        for i, table in plan.logical_rows.items():
-            compact_layer(self, plan.step.rows[i], table, keys, values, plan.step.num_layers)
 
     def _lane_attention(self, lanes: LaneBatch, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         out: torch.Tensor) -> None:

@@ -10,10 +10,12 @@ One `WorkerState` per worker thread (`worker_state()`), holding:
     report      what this worker ships to the scheduler each step (selection counts, compaction times)
     kept        (off by default) the logical positions every compaction kept, per (request, layer, head)
     step, qkv   this step's StepContext, and the pre-RoPE q/k/v captured per layer for it
-    fresh_rows  requests whose first compaction wrote into fresh blocks this step (copy-on-compact)
+    due         request -> the compaction a step's row reached, run before the next forward (`compact_due`)
+    fresh_rows  requests whose first compaction writes into fresh blocks (copy-on-compact)
 
-A request's entries go when vLLM reports it finished or aborted (`purge`); queries and scores restart
-when its prefill starts again from position 0 (preemption recomputes it). Nothing here imports vLLM.
+A request's entries go when vLLM reports it finished or aborted (`purge`; a compaction still due is
+dropped: nothing reads that KV again); queries and scores restart when its prefill starts again from
+position 0 (preemption recomputes it). Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvevict.core.step import StepContext
+from vllm_kvevict.core.step import RowInfo, StepContext
 from vllm_kvevict.paged.lanes import LaneMap
 from vllm_kvevict.policies.soft_vote import SelectionCache
 
@@ -174,6 +176,14 @@ class WorkerReport:
         return out
 
 
+@dataclass(frozen=True)
+class DueCompaction:
+    """A compaction point a row reached in a step: the row as it was then, and its logical block row."""
+
+    row: RowInfo
+    table: torch.Tensor
+
+
 @dataclass
 class WorkerState:
     queries: QueryStore = field(default_factory=QueryStore)
@@ -184,8 +194,9 @@ class WorkerState:
     step: StepContext | None = None
     qkv: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> this step's pre-RoPE q/k/v rows
     kept: KeptLog | None = None  # set it to record what every compaction keeps
-    fresh_rows: set[str] = field(default_factory=set)  # compacted into fresh blocks this step: the integration
-    # moves them to the front of the request's row before the next step (`Compaction.copied_row`)
+    due: dict[str, DueCompaction] = field(default_factory=dict)  # run before the next forward (`compact_due`)
+    fresh_rows: set[str] = field(default_factory=set)  # compacting into fresh blocks: the integration moves
+    # them to the front of the request's row before the next step (`Compaction.copied_row`)
 
     def restart(self, req_id: str, layer: int) -> None:
         """A fresh (or recomputed) prefill of the request: forget what the layer captured before."""
@@ -203,6 +214,7 @@ class WorkerState:
         for req_id in (*finished, *preempted):
             self.selections.drop(req_id)
             self.fresh_rows.discard(req_id)
+            self.due.pop(req_id, None)
 
 
 _local = threading.local()

@@ -7,9 +7,10 @@ step (`num_scheduled`); against its plan's compaction points (vllm_kvevict/paged
 
     logical positions:  0 ............ num_computed ...... num_computed + num_scheduled
                                        [ this step's tokens ]
-    a compaction point P in (num_computed, num_computed + num_scheduled]  ->  the row reaches P: its
-    layers compact after this step's attention; from the next step on it is `compacted` and attention
-    reads the physical layout [compacted region | tail].
+    a compaction point P in (num_computed, num_computed + num_scheduled]  ->  the row reaches P: this
+    step's attention reads the full context; its layers are compacted before the next forward
+    (`compaction.compact_due`), from which on it is `compacted` and attention reads the physical layout
+    [compacted region | tail].
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class RowInfo:
 
     @property
     def reaches_point(self) -> bool:
-        """This step writes the KV at the compaction point: compact after its attention."""
+        """This step writes the KV at the compaction point: compacted before the next forward (`compact_due`)."""
         target = self.target
         return target is not None and self.num_computed < target <= self.end
 

@@ -63,13 +63,14 @@ class EvictionImplMixin:
         plan = getattr(attn_metadata, "kvevict", None) if attn_metadata is not None else None
         if plan is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        eviction = self._eviction(layer)
+        eviction = self.eviction(layer)
         eviction.before_attention(plan, query)
         out = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         eviction.after_attention(plan, query, kv_cache, output)
         return out
 
-    def _eviction(self, layer) -> LayerEviction:
+    def eviction(self, layer) -> LayerEviction:
+        """This layer's LayerEviction (made on first use)."""
         eviction = getattr(self, "_kvevict_layer", None)
         if eviction is None:
             self.check_layer(layer)

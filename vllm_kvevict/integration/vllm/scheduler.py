@@ -1,11 +1,12 @@
 """Scheduler side of eviction: return a compacted request's freed blocks to the pool.
 
-The worker compacts a request's prompt during the step that finishes its prefill (see backend.py),
-or, for per-chunk eviction (Trigger.PER_PREFILL_CHUNK), in every step that ends a prefill chunk.
-Before the next step is scheduled, this scheduler swaps the request's blocks between the compacted
-region and the tail for the null block and returns them to the BlockPool, the mechanism sliding
-window attention uses (`_remove_blocks_in_range`). Freed blocks go to other requests at once, so
-more requests run concurrently.
+A request's prompt is compacted after the step that finishes its prefill (for per-chunk eviction,
+Trigger.PER_PREFILL_CHUNK, every step that ends a prefill chunk): the worker runs it before the next
+step's forward (`core.compaction.compact_due`). When the next step is scheduled, this scheduler swaps
+the request's blocks between the compacted region and the tail for the null block and returns them to
+the BlockPool, the mechanism sliding window attention uses (`_remove_blocks_in_range`). Freed blocks go
+to other requests at once, so more requests run concurrently: they write into them only in that next
+forward, after the compaction has read them.
 
 Preemption frees all of a request's blocks and recomputes it; the worker compacts it again, with
 the same result (policies are deterministic), and it is freed again here. Both sides derive the

@@ -4,8 +4,9 @@ vLLM's attention metadata carries tensors, not request ids. Our worker wraps its
 `_build_attention_metadata` (an instance attribute, not a class patch) to publish a `StepContext` just
 before the metadata builders run: per row, the request id, tokens computed before this step, tokens
 scheduled, prompt length and the request's plan (from a `PlanBook`: worked out once per request). The
-builder and the attention impl read it in the same process and the same step. Finished and aborted
-requests are forgotten when vLLM says so.
+builder and the attention impl read it in the same process and the same step. Just before that, the
+compactions the previous step's rows reached run over every attention layer's cache (`compact_due`).
+Finished and aborted requests are forgotten when vLLM says so.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
+from vllm_kvevict.core.compaction import compact_due
 from vllm_kvevict.core.requests import PlanBook, server_config
 from vllm_kvevict.core.state import worker_state
 from vllm_kvevict.core.step import RowInfo, StepContext
+from vllm_kvevict.integration.vllm.backend import EvictionImplMixin
 from vllm_kvevict.integration.vllm.metrics import REPORT_ATTR
 
 
@@ -52,6 +55,8 @@ def instrument_runner(runner, vllm_config) -> None:
     original_update = runner._update_states
 
     def build_attention_metadata(num_tokens, num_reqs, *args, **kwargs):
+        # before this step's forward writes anything: the compactions the last step's rows reached
+        compact_due(worker_state(), eviction_layers(runner), runner._kvevict_plans.num_layers)
         publish_step(runner, num_reqs)
         return original_build(num_tokens, num_reqs, *args, **kwargs)
 
@@ -65,6 +70,16 @@ def instrument_runner(runner, vllm_config) -> None:
     runner._build_attention_metadata = build_attention_metadata
     runner._update_states = update_states
     runner._kvevict_instrumented = True
+
+
+def eviction_layers(runner) -> list:
+    """(LayerEviction, KV cache tensor) of every attention layer of this worker that runs the core."""
+    layers = getattr(runner, "_kvevict_layers", None)
+    if layers is None:
+        layers = runner._kvevict_layers = [
+            layer for layer in runner.compilation_config.static_forward_context.values()
+            if isinstance(getattr(layer, "impl", None), EvictionImplMixin)]
+    return [(layer.impl.eviction(layer), layer.kv_cache) for layer in layers]
 
 
 def move_fresh_blocks(runner) -> None:
