@@ -107,4 +107,5 @@ def test_bench_prefix_quick_reads_shared_documents_from_the_cache_with_eviction(
     assert copied["hit_rate"] >= none["hit_rate"] - 0.1
     assert copied["blocks_per_running_request"] <= in_place["blocks_per_running_request"] + 0.5
     assert copied["blocks_per_running_request"] < none["blocks_per_running_request"]
+    assert all(0 < p["ttft_p50_s"] <= p["tt2t_p50_s"] <= p["latency_p50_s"] for p in doc["phases"])
     assert "| snapkv, prefix cache on |" in (tmp_path / "prefix.md").read_text()

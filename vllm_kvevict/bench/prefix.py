@@ -11,7 +11,8 @@ engine setting), on the same pool:
     POLICY + prefix cache     copy-on-compact: the prompt's blocks go back to the cache at full fidelity
 
 Per phase: the prefix-cache hit rate (vLLM's per-request cached tokens / prompt tokens), TTFT p50 / p95
-over all turns and over follow-up turns (k >= 2), output tokens/s (wall time, prefill included), blocks
+over all turns and over follow-up turns (k >= 2), time to the second token and request latency p50 (a
+compaction runs before the step after the first token's: it shows there), output tokens/s (wall time, prefill included), blocks
 per running request (mean over steps), and accuracy of first and follow-up turns (the number in the
 answer) with a Wilson interval. Ratios are to the first phase, measured in the same run.
 """
@@ -125,6 +126,7 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -
     for c in range(len(convs)):
         submit(c)
     first_token: dict[str, float] = {}
+    second_token: dict[str, float] = {}
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
@@ -134,12 +136,15 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -
         for out in outputs:
             if out.outputs[0].token_ids and out.request_id not in first_token:
                 first_token[out.request_id] = now
+            elif len(out.outputs[0].token_ids) > 1 and out.request_id not in second_token:
+                second_token[out.request_id] = now
             if not out.finished:
                 continue
             c, turn, t0, n_prompt = submitted[out.request_id]
             text = tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
             rows.append({"conversation": c, "turn": turn, "prompt_tokens": n_prompt, "cached": out.num_cached_tokens,
-                         "ttft_s": first_token[out.request_id] - t0, "output_tokens": len(out.outputs[0].token_ids),
+                         "ttft_s": first_token[out.request_id] - t0,
+                         "tt2t_s": second_token.get(out.request_id, now) - t0, "latency_s": now - t0, "output_tokens": len(out.outputs[0].token_ids),
                          "correct": convs[c]["values"][turn] in text})
             answers[c].append(text)
             if len(answers[c]) < spec.questions:
@@ -165,6 +170,8 @@ def summarize(rows: list[dict[str, Any]], wall: float, per_request_blocks: list[
         "ttft_p95_s": percentile([r["ttft_s"] for r in rows], 95),
         "followup_ttft_p50_s": percentile([r["ttft_s"] for r in later], 50),
         "followup_ttft_p95_s": percentile([r["ttft_s"] for r in later], 95),
+        "tt2t_p50_s": percentile([r["tt2t_s"] for r in rows], 50),
+        "latency_p50_s": percentile([r["latency_s"] for r in rows], 50),
         "output_tok_s": sum(r["output_tokens"] for r in rows) / wall,
         "blocks_per_running_request": sum(per_request_blocks) / max(1, len(per_request_blocks)),
         "first_turn": accuracy(first), "followup": accuracy(later),
@@ -188,6 +195,7 @@ def run(spec: PrefixSpec, model: str, progress: bool = True) -> dict[str, Any]:
     for r in results:
         r["ttft_p50_ratio"] = r["ttft_p50_s"] / base["ttft_p50_s"]
         r["followup_ttft_p50_ratio"] = r["followup_ttft_p50_s"] / base["followup_ttft_p50_s"]
+        r["latency_p50_ratio"] = r["latency_p50_s"] / base["latency_p50_s"]
         r["hit_rate_points_vs_first"] = 100 * (r["hit_rate"] - base["hit_rate"])
     return {"date": _dt.date.today().isoformat(), "spec": asdict(spec), "model": model, "phases": results}
 
@@ -197,16 +205,17 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Shared-prefix chat: {spec['documents']} documents x {spec['questions']} turns, "
              f"{spec['doc_len']}-token documents, {spec['policy']} at budget {spec['budget']}",
              "", f"Run {doc['date']}, pool {spec['kv_blocks']} blocks; ratios to the first row, same run.", "",
-             "| phase | hit rate | TTFT p50 / p95 (s) | follow-up TTFT p50 / p95 (s) | output tok/s | blocks per "
-             "running request | first-turn accuracy | follow-up accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| phase | hit rate | TTFT p50 / p95 (s) | follow-up TTFT p50 / p95 (s) | 2nd token p50 (s) | latency p50 "
+             "(s) | output tok/s | blocks per running request | first-turn accuracy | follow-up accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["phases"]:
         name = f"{r['policy']}, prefix cache {'on' if r['prefix_caching'] else 'off'}"
         acc = [f"{a['accuracy']:.2f} [{a['low']:.2f}, {a['high']:.2f}] (n={a['n']})"
                for a in (r["first_turn"], r["followup"])]
         lines.append(f"| {name} | {r['hit_rate']:.2f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} "
                      f"({r['ttft_p50_ratio']:.2f}x) | {r['followup_ttft_p50_s']:.2f} / {r['followup_ttft_p95_s']:.2f} "
-                     f"({r['followup_ttft_p50_ratio']:.2f}x) | {r['output_tok_s']:.1f} | "
+                     f"({r['followup_ttft_p50_ratio']:.2f}x) | {r['tt2t_p50_s']:.2f} | {r['latency_p50_s']:.2f} "
+                     f"({r['latency_p50_ratio']:.2f}x) | {r['output_tok_s']:.1f} | "
                      f"{r['blocks_per_running_request']:.1f} | {acc[0]} | {acc[1]} |")
     return "\n".join(lines) + "\n"
 
