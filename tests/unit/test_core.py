@@ -40,14 +40,15 @@ def test_plan_book_works_a_plan_out_once_and_forgets_it():
 
 def test_a_prefix_cache_hit_never_covers_what_the_policy_scores_from():
     """The window queries are computed, a policy scoring every token's q/k/v computes them all, one scoring
-    from the keys alone (or no eviction) takes any hit."""
+    from the keys alone takes any hit short of its compaction point (a recomputed request's tokens run past
+    its prompt: a hit over the whole prompt would skip the compaction), no eviction any hit."""
     def limit(policy, budget, prompt_len=1000, **params):
         return plan_for(config(policy, budget, **params), prompt_len, BS, 30, True).cacheable_prefix
 
     assert limit("snapkv", 256) == 1000 - 32 and limit("snapkv", 256, window=64) == 1000 - 64
     assert limit("nacl", 256) == 1000 - 10  # its proxies: 1% of the prompt
     assert limit("locret", 256) == 0
-    assert limit("streamingllm", 256) is None and limit("none", None) is None
+    assert limit("streamingllm", 256) == limit("keynorm", 256) == 1000 - 1 and limit("none", None) is None
     assert limit("snapkv", 2000) is None  # a prompt under the budget is not compacted
 
 

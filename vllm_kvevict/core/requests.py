@@ -86,7 +86,9 @@ class RequestPlan:
     def cacheable_prefix(self) -> int | None:
         """How many leading prompt tokens may come from the prefix cache (None: any). A policy scores what
         its steps compute: the window queries (the question) must be computed, and a policy scoring every
-        token from its pre-RoPE q/k/v must compute them all."""
+        token from its pre-RoPE q/k/v must compute them all. Any compacting request computes the token
+        before its first compaction point: the step that reaches it compacts (a recomputed request, whose
+        prompt is shorter than its tokens, could otherwise read the whole prompt from the cache and skip it)."""
         comp = self.compaction
         if comp is None or comp.is_noop:
             return None
@@ -94,8 +96,8 @@ class RequestPlan:
         if Need.PRE_ROPE_QKV in needs:
             return 0
         if Need.WINDOW_QUERIES in needs:
-            return max(0, comp.start - self.policy.query_window(comp.prompt_len))
-        return None
+            return max(0, comp.start - max(1, self.policy.query_window(comp.prompt_len)))
+        return comp.start - 1
 
 
 @functools.lru_cache(maxsize=4096)
