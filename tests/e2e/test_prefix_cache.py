@@ -199,3 +199,22 @@ def test_under_pool_pressure_the_cache_gives_way_and_never_hands_out_a_compacted
     assert [out[f"p{i}"] for i in range(8)] == reference(prompts, 8)
     pool = sched.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == POOL["num_gpu_blocks_override"] - 1  # all back (the null block aside)
+
+
+def test_a_selecting_request_shares_only_what_it_computed_with_full_attention(llm, tok):
+    """TokenSelect (a per-request override) attends to everything until its first selecting context
+    (n_init + k + n_local tokens), sparsely after it: a `none` request about the same document reads from
+    the cache only the blocks before that point, a later TokenSelect request reads no further either,
+    and a second `none` request reads the whole document (the first `none` one offered it)."""
+    select = dict(kv_policy="tokenselect", kv_budget=256, kv_n_init=16, kv_n_local=128)
+    first_selecting = 16 + 256 + 128 + 1
+    doc = "Report on the selecting request.\n\n" + document(tok)
+    prompts = [chat(tok, [(doc + "\n\n" + q, "")], KEYS[0]) for q in (
+        question(KEYS[0]), question(KEYS[1]), "Summarise the text.", "Which keys does the text mention?")]
+    cached = []
+    for ids, extra in zip(prompts, (select, {"kv_policy": "none"}, select, {"kv_policy": "none"})):
+        cached.append(llm.generate([prompt(ids)], greedy(2, **extra), use_tqdm=False)[0].num_cached_tokens)
+    shared = first_selecting // BLOCK * BLOCK
+    common = min(next(i for i, (a, b) in enumerate(zip(prompts[1], prompts[3])) if a != b), len(prompts[3]) - 1)
+    assert cached == [0, shared, shared, common // BLOCK * BLOCK]
+    assert common > 1500

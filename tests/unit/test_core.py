@@ -52,6 +52,21 @@ def test_a_prefix_cache_hit_never_covers_what_the_policy_scores_from():
     assert limit("snapkv", 2000) is None  # a prompt under the budget is not compacted
 
 
+@pytest.mark.parametrize("budget", [256, 0.25, 0.9, 1.0])
+def test_a_selecting_request_shares_and_reads_only_the_full_caches_kv(budget):
+    """TokenSelect attends to everything until its first selecting context: the KV below it is the full
+    cache's (shared both ways), past it its own sparse attention's (neither offered nor read)."""
+    plan = plan_for(config("tokenselect", budget, n_init=16, n_local=64), 1000, BS, 30, True)
+    first = plan.shareable_prefix
+    assert plan.cacheable_prefix == first
+    if budget == 1.0:
+        assert first is None  # selects nothing, ever
+        return
+    assert plan.policy.selects(first) and not any(plan.policy.selects(n) for n in range(first))
+    if budget == 256:
+        assert first == 16 + 256 + 64 + 1
+
+
 def _row(req_id, policy, budget, prompt_len, computed, scheduled, layers=1, copy=False, num_blocks=0, **params):
     plan = plan_for(config(policy, budget, **params), prompt_len, BS, layers, copy)
     return RowInfo(req_id, computed, scheduled, prompt_len, plan, num_blocks)

@@ -88,7 +88,11 @@ class RequestPlan:
         its steps compute: the window queries (the question) must be computed, and a policy scoring every
         token from its pre-RoPE q/k/v must compute them all. Any compacting request computes the token
         before its first compaction point: the step that reaches it compacts (a recomputed request, whose
-        prompt is shorter than its tokens, could otherwise read the whole prompt from the cache and skip it)."""
+        prompt is shorter than its tokens, could otherwise read the whole prompt from the cache and skip it).
+        A selecting request reads what it would compute itself: the full cache's KV, up to its first
+        selecting context."""
+        if self.selects:
+            return self.shareable_prefix  # what it would compute itself, the full cache's, and no further
         comp = self.compaction
         if comp is None or comp.is_noop:
             return None
@@ -98,6 +102,13 @@ class RequestPlan:
         if Need.WINDOW_QUERIES in needs:
             return max(0, comp.start - max(1, self.policy.query_window(comp.prompt_len)))
         return comp.start - 1
+
+    @property
+    def shareable_prefix(self) -> int | None:
+        """How many leading tokens of this request's own KV the prefix cache may offer others (None: all
+        until a compaction stops its hashing): a selecting policy attends sparsely from its first selecting
+        context on, so the KV it computes past that is not the full cache's."""
+        return self.policy.first_selecting_context() if self.selects else None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -98,6 +98,20 @@ class TokenSelect(Policy):
         """Whether a query over `num_tokens` cached tokens selects (else it attends to all of them)."""
         return num_tokens > self.n_init + self.top_k(num_tokens) + self.n_local
 
+    def first_selecting_context(self) -> int | None:
+        """The fewest cached tokens a query piece selects over (None: it never selects). A piece starting
+        before it attends to everything, so the KV of every position below it is the full cache's."""
+        fixed = self.n_init + self.n_local
+        if isinstance(self.budget, float):
+            if self.budget >= 1.0:
+                return None
+            start = max(fixed + 1, int(fixed / (1.0 - self.budget)) - 2)
+        else:
+            start = fixed + self.budget + 1
+        while not self.selects(start):
+            start += 1
+        return start
+
     def with_windows(self, picked: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """[0, n_init) U picked U [num_tokens - n_local, num_tokens), sorted and unique."""
         return with_fixed_windows(picked, num_tokens, self.n_init, self.n_local)

@@ -20,7 +20,8 @@ When the pool has no n free blocks, a request whose leading blocks no one else h
 place, and those blocks leave the prefix cache first; one that shares them waits for memory like any
 request. Either way the request is hashed no further (its later KV is computed over the compacted
 context), and a prefix-cache hit never covers the tokens its policy must compute to score
-(`RequestPlan.cacheable_prefix`).
+(`RequestPlan.cacheable_prefix`). A selecting request shares its KV up to its first
+selecting context (`RequestPlan.shareable_prefix`): past it, its queries attended sparsely.
 """
 
 from __future__ import annotations
@@ -127,7 +128,13 @@ class KVEvictScheduler(Scheduler):
             return blocks, hit, boundary
 
         def allocate_slots(request, num_new_tokens, num_new_computed_tokens=0, **kwargs):
-            comp = self.kv_plan(request).compaction
+            plan = self.kv_plan(request)
+            if plan.shareable_prefix is not None:  # a selecting request: its KV past that is its own
+                new_blocks = allocate(request, num_new_tokens, num_new_computed_tokens, **kwargs)
+                if new_blocks is not None:
+                    self._unhash_past(request, plan.shareable_prefix // self.kv_block_size)
+                return new_blocks
+            comp = plan.compaction
             if self._too_long_to_copy(comp):
                 self._stop_hashing(request, True)  # no other request may come to share what it overwrites
             start = request.num_computed_tokens
@@ -190,6 +197,16 @@ class KVEvictScheduler(Scheduler):
         pool = self.kv_cache_manager.block_pool
         for block in self._blocks_of(request)[: comp.kept_blocks]:
             pool._maybe_evict_cached_block(block)
+
+    def _unhash_past(self, request, shareable_blocks: int) -> None:
+        """The request's blocks past its first `shareable_blocks` leave the prefix cache as soon as vLLM
+        hashes them (before another request can look them up), and nothing more of it is hashed."""
+        manager = self._block_manager
+        hashed = manager.num_cached_block.get(request.request_id, 0)
+        if shareable_blocks < hashed < NEVER_HASHED:
+            for block in self._blocks_of(request)[shareable_blocks:hashed]:
+                manager.block_pool._maybe_evict_cached_block(block)
+            manager.num_cached_block[request.request_id] = NEVER_HASHED
 
     def _stop_hashing(self, request, new_blocks) -> None:
         """From the compaction point on the request's KV is computed over the compacted context: none of it
