@@ -2,7 +2,8 @@
 report on the last stdout line. Used to compare the two paths request by request.
 
 spec: {"path": "cpu" | "triton" | "stock-triton", "model": DIR, "engine": {LLM kwargs},
-       "requests": [{"id", "prompt", "max_tokens", "xargs", "logprobs"}], "abort": [id, ...] (aborted after step 2),
+       "requests": [{"id", "prompt", "max_tokens", "xargs", "logprobs", "after"}] ("after": an id; the request
+       is submitted when that one finishes), "abort": [id, ...] (aborted after step 2),
        "preempt_after": k (every running request is preempted after step k, and recomputed)}
 
     cpu           our backend on CPU_ATTN (torch twins)
@@ -12,7 +13,8 @@ spec: {"path": "cpu" | "triton" | "stock-triton", "model": DIR, "engine": {LLM k
 
 report: {"outputs": {id: token ids}, "held": {id: [real blocks held after each step]}, "free": [free blocks
          before, after], "kept": {id: {layer: [[positions] per KV head]}}, "picked": {id: {layer: [positions]}},
-         "selection": [hits, misses], "backend": class path of the attention backend in use,
+         "selection": [hits, misses], "backend": class path of the attention backend in use, "cached": {id:
+         prompt tokens read from the prefix cache},
          "logprobs": {id: [{token id: logprob} per generated token]} and "prompt_ids": {id: the prompt's token
          ids as vLLM tokenised it} for requests that ask for "logprobs": N}
 """
@@ -60,17 +62,26 @@ def main() -> None:
         state.kept = KeptLog()
     report = {"backend": backend, "outputs": {}, "held": {}, "free": [pool.get_num_free_blocks()]}
     ids = {}
-    for r in spec["requests"]:
+
+    def submit(r) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], extra_args=r.get("xargs") or None,
                                 logprobs=r.get("logprobs"))
         ids[engine.add_request(r["id"], r["prompt"], params)] = r["id"]
         report["held"][r["id"]] = []
+
+    for r in spec["requests"]:
+        if "after" not in r:
+            submit(r)
     steps = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 name = ids.get(out.request_id, out.request_id)
                 report["outputs"][name] = list(out.outputs[0].token_ids)
+                report.setdefault("cached", {})[name] = out.num_cached_tokens
+                for r in spec["requests"]:
+                    if r.get("after") == name:
+                        submit(r)
                 if out.outputs[0].logprobs is not None:
                     report.setdefault("prompt_ids", {})[name] = list(out.prompt_token_ids)
                     report.setdefault("logprobs", {})[name] = [

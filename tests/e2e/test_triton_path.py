@@ -2,7 +2,9 @@
 interpreter inside CPU vLLM (VLLM_KVEVICT_BACKEND=triton), against the CPU path on the same requests.
 
 A tiny random-weight Llama (tests/e2e/tiny_model.py) keeps the interpreter affordable; every policy in
-the registry runs in one batch per path, each engine in its own process (`paths_main.py`). The default
+the registry runs in one batch per path, each engine in its own process (`paths_main.py`), with prefix
+caching on (copy-on-compact): two snapkv requests and an ada-snapkv one ask about one shared document,
+the later ones submitted when the first finishes. The default
 model's own check through this path is `test_default_model_through_the_triton_path`.
 """
 
@@ -22,6 +24,7 @@ BLOCK = 32  # CPU_ATTN needs multiples of 32, TRITON_ATTN of 16: both paths shar
 BUDGET = 64
 MAX_TOKENS = 4
 ABORTED = "aborted"  # an extra snapkv request, aborted after step 2
+SHARED = ("shared-first", "shared-next", "shared-lanes")  # one document, three questions
 
 
 def tiny_locret_heads(directory: Path) -> Path:
@@ -71,8 +74,12 @@ def tiny(tmp_path_factory) -> dict:
     requests = [{"id": policy, "prompt": prompts[k % 2], "max_tokens": MAX_TOKENS, "xargs": overrides(policy, heads)}
                 for k, policy in enumerate(names())]
     requests.append({**requests[names().index("snapkv")], "id": ABORTED})
+    document = prompt(tok, 10000, 200)
+    for k, (rid, policy) in enumerate(zip(SHARED, ("snapkv", "snapkv", "ada-snapkv"))):
+        requests.append({"id": rid, "prompt": document + prompt(tok, 20000 + 50 * k, 12), "max_tokens": MAX_TOKENS,
+                         "xargs": overrides(policy, heads), **({"after": SHARED[0]} if k else {})})
     engine = {"dtype": "float32", "enforce_eager": True, "block_size": BLOCK, "max_model_len": 1024, "seed": 0,
-              "enable_prefix_caching": False, "num_gpu_blocks_override": 200, "max_num_batched_tokens": 640,
+              "enable_prefix_caching": True, "num_gpu_blocks_override": 200, "max_num_batched_tokens": 640,
               "additional_config": {"kv_evict": {"policy": "none"}}}
     return {"model": str(model), "engine": engine, "requests": requests, "tok": tok}
 
@@ -84,7 +91,8 @@ def runs(tiny) -> dict:
     spec = {"model": tiny["model"], "engine": tiny["engine"], "requests": tiny["requests"], "abort": [ABORTED],
             "preempt_after": 3}
     none = [r for r in tiny["requests"] if r["id"] == "none"]
-    return {"triton": run_path("triton", spec), "cpu": run_path("cpu", spec),
+    uncached = {**spec, "engine": {**tiny["engine"], "enable_prefix_caching": False}}
+    return {"triton": run_path("triton", spec), "cpu": run_path("cpu", spec), "cpu-uncached": run_path("cpu", uncached),
             "stock": run_path("stock-triton", {**spec, "requests": none, "abort": []})}
 
 
@@ -100,10 +108,10 @@ def test_none_is_token_identical_to_stock_triton_attention(runs):
 
 def test_every_policy_gives_the_cpu_paths_tokens_and_kept_indices(runs):
     triton, cpu = runs["triton"], runs["cpu"]
-    assert set(triton["outputs"]) == set(cpu["outputs"]) == set(names())
+    assert set(triton["outputs"]) == set(cpu["outputs"]) == set(names()) | set(SHARED)
     assert triton["outputs"] == cpu["outputs"]
     assert triton["preempted"] == cpu["preempted"] >= 3
-    evicting = set(names("evict"))
+    evicting = set(names("evict")) | set(SHARED)
     assert evicting <= set(cpu["kept"])  # every evicting request logged its compactions
     for rid in evicting:
         assert triton["kept"][rid] == cpu["kept"][rid], rid  # per layer, per KV head
@@ -111,6 +119,26 @@ def test_every_policy_gives_the_cpu_paths_tokens_and_kept_indices(runs):
     assert any(lanes)  # ragged head-lanes: heads kept different counts
     assert triton["picked"] == cpu["picked"] and triton["picked"]["tokenselect"]  # TokenSelect's selections
     assert triton["selection"] == cpu["selection"] and min(triton["selection"]) > 0  # cache hits and misses
+
+
+def test_a_shared_document_is_read_from_the_prefix_cache_on_both_paths(runs):
+    """Copy-on-compact through the Triton kernels: the later requests read the document the first one
+    compacted from the prefix cache (full blocks before its observation window, as on the CPU path), and
+    every request answers as it does with prefix caching off; a selecting request (its prefill pieces
+    start where a step starts, so its answer depends on the schedule, which the cache changes) reads
+    no further than its first selecting context."""
+    for path in ("triton", "cpu"):
+        cached = runs[path]["cached"]
+        assert cached["shared-first"] == 0 and cached["shared-next"] >= 4 * BLOCK, (path, cached)
+        assert cached["shared-lanes"] == cached["shared-next"], (path, cached)
+    assert runs["triton"]["cached"] == runs["cpu"]["cached"]
+    assert not any(runs["cpu-uncached"]["cached"].values())
+    selecting = set(names("select"))
+    for rid, tokens in runs["cpu-uncached"]["outputs"].items():
+        if rid not in selecting:
+            assert tokens == runs["cpu"]["outputs"][rid], rid
+    first_selecting = 16 + 32 + 32 + 1  # n_init + k + n_local + 1 (overrides)
+    assert all(0 < runs["cpu"]["cached"][rid] <= first_selecting // BLOCK * BLOCK for rid in selecting)
 
 
 def test_compaction_frees_the_rules_blocks_and_every_block_returns(runs, tiny):
@@ -134,8 +162,9 @@ def test_compaction_frees_the_rules_blocks_and_every_block_returns(runs, tiny):
             continue
         after = comp.kept_blocks + (full - comp.tail_start_block)
         # after compaction it holds the rule's blocks (+1 where the first decoded token opens a new block);
-        # never more than the whole prompt (preempted requests recompute, and are compacted again)
-        assert max(held) <= full and {after, after + 1} & set(held), (request["id"], held)
+        # never more than the whole prompt and, for one step, the n fresh blocks copy-on-compact writes
+        # into (preempted requests recompute, and are compacted again)
+        assert max(held) <= full + comp.kept_blocks and {after, after + 1} & set(held), (request["id"], held)
 
 
 def default_model_overrides(policy: str) -> dict:
