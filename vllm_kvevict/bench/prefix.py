@@ -12,9 +12,10 @@ engine setting), on the same pool:
 
 Per phase: the prefix-cache hit rate (vLLM's per-request cached tokens / prompt tokens), TTFT p50 / p95
 over all turns and over follow-up turns (k >= 2), time to the second token and request latency p50 (a
-compaction runs before the step after the first token's: it shows there), output tokens/s (wall time, prefill included), blocks
-per running request (mean over steps), and accuracy of first and follow-up turns (the number in the
-answer) with a Wilson interval. Ratios are to the first phase, measured in the same run.
+compaction runs before the step after the first token's: it shows there), output tokens/s (wall time,
+prefill included), blocks per running request (mean over steps), and accuracy of first and follow-up
+turns (the number in the answer) with a Wilson interval. Ratios are to the first phase, measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -
             text = tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
             rows.append({"conversation": c, "turn": turn, "prompt_tokens": n_prompt, "cached": out.num_cached_tokens,
                          "ttft_s": first_token[out.request_id] - t0,
-                         "tt2t_s": second_token.get(out.request_id, now) - t0, "latency_s": now - t0, "output_tokens": len(out.outputs[0].token_ids),
+                         "tt2t_s": second_token.get(out.request_id, now) - t0, "latency_s": now - t0,
+                         "output_tokens": len(out.outputs[0].token_ids),
                          "correct": convs[c]["values"][turn] in text})
             answers[c].append(text)
             if len(answers[c]) < spec.questions:

@@ -151,7 +151,7 @@ class KVEvictScheduler(Scheduler):
                 new_blocks = allocate(request, num_new_tokens, num_new_computed_tokens, reserved_blocks=reserved,
                                       **kwargs)
                 if new_blocks is not None:  # no room: in place, over blocks no one else reads
-                    self._unhash_leading_blocks(request, comp)
+                    self._unhash_blocks(request, 0, comp.kept_blocks)
             self._stop_hashing(request, new_blocks)
             return new_blocks
 
@@ -193,20 +193,19 @@ class KVEvictScheduler(Scheduler):
         hit = [] if hit_blocks is None else hit_blocks.blocks[0][: comp.kept_blocks - len(held)]
         return any(b.ref_cnt > 1 for b in held) or any(b.ref_cnt > 0 for b in hit)
 
-    def _unhash_leading_blocks(self, request, comp) -> None:
-        pool = self.kv_cache_manager.block_pool
-        for block in self._blocks_of(request)[: comp.kept_blocks]:
+    def _unhash_blocks(self, request, start: int, end: int) -> None:
+        """Blocks [start, end) of the request's row leave the prefix cache (no later request finds them)."""
+        pool = self._block_manager.block_pool
+        for block in self._blocks_of(request)[start:end]:
             pool._maybe_evict_cached_block(block)
 
     def _unhash_past(self, request, shareable_blocks: int) -> None:
         """The request's blocks past its first `shareable_blocks` leave the prefix cache as soon as vLLM
         hashes them (before another request can look them up), and nothing more of it is hashed."""
-        manager = self._block_manager
-        hashed = manager.num_cached_block.get(request.request_id, 0)
+        hashed = self._block_manager.num_cached_block.get(request.request_id, 0)
         if shareable_blocks < hashed < NEVER_HASHED:
-            for block in self._blocks_of(request)[shareable_blocks:hashed]:
-                manager.block_pool._maybe_evict_cached_block(block)
-            manager.num_cached_block[request.request_id] = NEVER_HASHED
+            self._unhash_blocks(request, shareable_blocks, hashed)
+            self._stop_hashing(request, True)
 
     def _stop_hashing(self, request, new_blocks) -> None:
         """From the compaction point on the request's KV is computed over the compacted context: none of it

@@ -72,14 +72,16 @@ def instrument_runner(runner, vllm_config) -> None:
     runner._kvevict_instrumented = True
 
 
-def eviction_layers(runner) -> list:
-    """(LayerEviction, KV cache tensor) of every attention layer of this worker that runs the core."""
+def eviction_layers(runner):
+    """(LayerEviction, KV cache tensor) of every attention layer of this worker that runs the core; a
+    generator, so a step with no compaction due (`compact_due` returns first) walks no layer."""
     layers = getattr(runner, "_kvevict_layers", None)
     if layers is None:
         layers = runner._kvevict_layers = [
             layer for layer in runner.compilation_config.static_forward_context.values()
             if isinstance(getattr(layer, "impl", None), EvictionImplMixin)]
-    return [(layer.impl.eviction(layer), layer.kv_cache) for layer in layers]
+    for layer in layers:
+        yield layer.impl.eviction(layer), layer.kv_cache
 
 
 def move_fresh_blocks(runner) -> None:
