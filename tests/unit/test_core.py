@@ -3,6 +3,7 @@ capture -> compaction -> attention on a hand-made cache in CPU_ATTN's layout (th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -293,3 +294,31 @@ def test_a_preempted_request_captures_its_window_afresh():
     state.queries.add("other", 0, 100, torch.zeros(2, 4, DIM))
     state.purge(finished=(), preempted=("r",))
     assert state.queries.pop("r", 0) == [] and len(state.queries.pop("other", 0)) == 1
+
+
+@pytest.mark.parametrize("policy, params, reads_values",
+                         [("snapkv", {}, False), ("snapkv", {"value_weight": "norm"}, True), ("vatp", {}, True)])
+def test_a_compaction_gathers_the_values_only_for_a_scorer_that_declares_them(policy, params, reads_values):
+    """Need.VALUES: the core hands the scorer the dense values only if its declaration asks (on a GPU the
+    value gather of a long prompt is as large as the keys'), and keeps what the policy keeps from the view."""
+    prompt = 400
+    cache, row, k, v, gen = _cache_with_prompt(prompt, seed=11)
+    query = torch.randn(prompt, HKV * GROUP, DIM, generator=gen) * 0.1 + 1.0
+    gathered = []
+
+    def spy(keys, values, *args):
+        gathered.append(values is not None)
+        return gather_dense(keys, values, *args)
+
+    state = WorkerState()
+    layer = LayerEviction(0, dataclasses.replace(TORCH_CPU, gather_dense=spy), DIM**-0.5, state)
+    prefill = _row("r", policy, 96, prompt, 0, prompt, **params)
+    plan, _, _ = plan_step(StepContext((prefill,), 1), [0, prompt], torch.tensor([prompt]), row[None].clone(), state)
+    layer.before_attention(plan, query)
+    compact_due(state, [(layer, cache)], 1)
+    assert gathered == [reads_values]
+    comp, pol = prefill.plan.compaction, prefill.plan.policy
+    view = LayerView(k, v if reads_values else None, query[-32:].transpose(0, 1))
+    kept = torch.stack(pol.plan_rect(view, comp.compactable_tokens, comp.kept_tokens).indices)
+    got_k, _ = gather_dense(*cpu_views(cache), row, comp.kept_tokens)
+    assert torch.equal(got_k, k.gather(1, kept[..., None].expand(-1, -1, DIM)))

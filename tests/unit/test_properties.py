@@ -16,7 +16,7 @@ from vllm_kvevict.policies.budget import resolve_budget
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import pyramid_budgets
 from vllm_kvevict.policies.registry import names
-from vllm_kvevict.policies.topk import candidate_positions, protected_positions
+from vllm_kvevict.policies.topk import candidate_positions, merge_kept, protected_positions, topk_per_head
 from vllm_kvevict.policies.uniform import uniform_allocate
 
 # every evicting policy that plans from a dense view (those scoring pre-RoPE q/k/v have their own tests)
@@ -25,13 +25,16 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 
 
 def make_view(policy, num_kv: int, group: int, num_tokens: int, layer: int, num_layers: int, seed: int):
+    """A random dense view with what the policy declares: no values unless Need.VALUES (as the core builds it),
+    so a scorer that reads values without declaring them fails here."""
     gen = torch.Generator().manual_seed(seed)
     dim = 8
     keys = torch.randn(num_kv, num_tokens, dim, generator=gen)
     values = torch.randn(num_kv, num_tokens, dim, generator=gen)
     window = policy.query_window(num_tokens)
     queries = torch.randn(num_kv * group, window, dim, generator=gen) if window else None
-    return LayerView(keys, values, queries, layer=layer, num_layers=num_layers)
+    scored_values = values if Need.VALUES in policy.declaration.needs else None
+    return LayerView(keys, scored_values, queries, layer=layer, num_layers=num_layers)
 
 
 budgets = st.one_of(st.integers(1, 400), st.floats(0.01, 1.0))
@@ -249,3 +252,22 @@ def test_pooling_option_lifts_what_follows_a_hit_and_leaves_the_recent_tokens_al
     torch.testing.assert_close(lifted[hit : hit + 5], base[hit].expand(5))  # the hit and the 4 tokens after it
     assert lifted[hit + 5] < base[hit] / 100 and lifted[hit - 1] < base[hit] / 100
     torch.testing.assert_close(lifted[num_tokens - recent :], base[num_tokens - recent :])
+
+
+@SETTINGS
+@given(num_heads=st.integers(1, 4), num_tokens=st.integers(1, 60), data=st.data())
+def test_batched_top_k_picks_what_one_sort_per_head_picks(num_heads, num_tokens, data):
+    """`topk_per_head` sorts every head at once: the same picks as a stable sort per head, ties (few distinct
+    scores) to the earlier position, equal and ragged counts alike; `merge_kept` adds the protected ones."""
+    scores = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 3), min_size=num_tokens, max_size=num_tokens),
+                                             min_size=num_heads, max_size=num_heads)), dtype=torch.float32)
+    counts = data.draw(st.one_of(st.integers(0, num_tokens + 2).map(lambda k: [k] * num_heads),
+                                 st.lists(st.integers(0, num_tokens + 2), min_size=num_heads, max_size=num_heads)))
+    got = topk_per_head(scores, counts)
+    for h, k in enumerate(counts):
+        ranked = sorted(range(num_tokens), key=lambda j: (-float(scores[h, j]), j))
+        assert got[h].tolist() == sorted(ranked[:k])
+    protected = torch.tensor([0, num_tokens + 1])
+    candidates = torch.arange(1, num_tokens + 1)
+    for merged, picked in zip(merge_kept(protected, candidates, got), got):
+        assert merged.tolist() == sorted([0, num_tokens + 1] + (picked + 1).tolist())

@@ -105,7 +105,8 @@ def _refill_lanes(layer: LayerEviction, row: RowInfo, physical_row: torch.Tensor
     tail_len = comp.physical_len(row.target, k - 1) - compacted
     grid, real = lane_candidates(physical_row, starts, lengths, comp.kept_blocks, tail_len, comp.block_size)
     queries, first = _window_queries(layer, row)
-    view = LayerView(keys[grid], values[grid], queries, layer=layer.layer, num_layers=num_layers, key_mask=real,
+    scored_values = values[grid] if Need.VALUES in row.plan.declaration.needs else None
+    view = LayerView(keys[grid], scored_values, queries, layer=layer.layer, num_layers=num_layers, key_mask=real,
                      query_start=None if first is None else longest + comp.physical_len(first, k - 1) - compacted)
     plan = row.plan.policy.replan_lanes(view, longest + region - compacted, lengths.tolist())
     lanes = LaneMap(tuple(starts.tolist()), tuple(lengths.tolist()), comp.block_size)
@@ -135,7 +136,8 @@ def _window_queries(layer: LayerEviction, row: RowInfo) -> tuple[torch.Tensor | 
 def _dense_view(layer: LayerEviction, row: RowInfo, physical_row: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor, num_tokens: int, prev: int, num_layers: int) -> LayerView:
     comp = row.plan.compaction
-    dense_k, dense_v = layer.adapter.gather_dense(keys, values, physical_row, num_tokens)
+    scored_values = values if Need.VALUES in row.plan.declaration.needs else None  # gathered only if scored
+    dense_k, dense_v = layer.adapter.gather_dense(keys, scored_values, physical_row, num_tokens)
     queries, first = _window_queries(layer, row)
     query_start = None if first is None else comp.physical_len(first, prev)
     return LayerView(dense_k, dense_v, queries, query_start=query_start, layer=layer.layer, num_layers=num_layers)

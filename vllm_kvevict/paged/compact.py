@@ -23,17 +23,18 @@ import torch
 Addresses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (block, head or lane, slot), one entry per token
 
 
-def gather_dense(keys: torch.Tensor, values: torch.Tensor, row: torch.Tensor, num_tokens: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense keys and values [H_kv, T, D] of positions 0..T-1 of a request's block row."""
-    block_size = keys.shape[2]
-    blocks = row[: -(-num_tokens // block_size)].long()  # whole blocks, then cut: one gather per block, not per token
+def gather_dense(keys: torch.Tensor, values: torch.Tensor | None, row: torch.Tensor, num_tokens: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense keys and values [H_kv, T, D] of positions 0..T-1 of a request's block row (values None: not
+    read, for a scorer that needs none)."""
+    return dense_row(keys, row, num_tokens), None if values is None else dense_row(values, row, num_tokens)
 
-    def dense(cache: torch.Tensor) -> torch.Tensor:
-        picked = cache.index_select(0, blocks)  # [n, H_kv, bs, D]
-        return picked.transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :num_tokens]
 
-    return dense(keys), dense(values)
+def dense_row(cache: torch.Tensor, row: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Positions 0..T-1 of `row` in one key or value view, dense [H_kv, T, D]: whole blocks gathered (one
+    gather per block, not per token), then laid out head-major and cut to T."""
+    picked = cache.index_select(0, row[: -(-num_tokens // cache.shape[2])].long())  # [n, H_kv, bs, D]
+    return picked.transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :num_tokens]
 
 
 def rect_addresses(row: torch.Tensor, kept: torch.Tensor, block_size: int, into: torch.Tensor | None = None
@@ -51,7 +52,7 @@ def rect_addresses(row: torch.Tensor, kept: torch.Tensor, block_size: int, into:
 
 def move_tokens(keys: torch.Tensor, values: torch.Tensor, src: Addresses, dst: Addresses) -> None:
     """In place: keys/values[dst[i]] = old keys/values[src[i]] for every i (all reads staged first)."""
-    staged_k, staged_v = keys[src].clone(), values[src].clone()
+    staged_k, staged_v = keys[src], values[src]  # advanced indexing copies: the staging buffer
     keys[dst] = staged_k
     values[dst] = staged_v
 

@@ -2,7 +2,7 @@
 
     when it acts      Trigger: once after the prompt, after every prefill chunk, or per query (selecting);
                       plus `decode_interval`: re-compact the tail every N generated tokens (0: never)
-    what it needs     Need: the observation window's queries, each token's pre-RoPE q/k/v, or nothing
+    what it needs     Need: the observation window's queries, each token's pre-RoPE q/k/v, the values, or nothing
     how it keeps      KeptLayout: every KV head the same count in the same slots (rectangular), or
                       ragged per-head counts in head-lanes (vllm_kvevict/paged/lanes.py)
     per-layer budget  LayerBudget: the same in every layer, or a pyramid (the request holds the largest)
@@ -31,6 +31,9 @@ class Need(str, enum.Enum):
     # remembered with the kept tokens and `retain()` chooses at each compaction. Read through a module
     # hook on the qkv projection, so the model must run eagerly.
     PRE_ROPE_QKV = "pre_rope_qkv"
+    # The dense values in LayerView.values (a scorer that weights by them); without it the view has none
+    # and the core gathers no value to score.
+    VALUES = "values"
 
 
 class KeptLayout(str, enum.Enum):

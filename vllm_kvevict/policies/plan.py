@@ -16,7 +16,8 @@ import torch
 class LayerView:
     """One request's prompt KV for one layer, plus the queries a scorer may need.
 
-    keys, values: [H_kv, T, D], RoPE already applied to keys (as cached).
+    keys, values: [H_kv, T, D], RoPE already applied to keys (as cached); values None unless the policy
+        declares Need.VALUES (the core gathers none for a scorer that reads none).
     queries: [H_q, W, D], the last W prompt queries (observation window / proxy tokens), RoPE applied,
         or None when the policy needs none. Their positions are T-W .. T-1 unless query_start says.
     layer, num_layers: which layer this is, for per-layer budget schedules and seeding.
@@ -26,7 +27,7 @@ class LayerView:
     """
 
     keys: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     queries: torch.Tensor | None = None
     query_start: int | None = None  # position of the first query; None: the last W positions
     layer: int = 0
@@ -35,9 +36,10 @@ class LayerView:
     key_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.keys.dim() != 3 or self.values.dim() != 3:
-            raise ValueError(f"keys/values must be [H_kv, T, D], got {tuple(self.keys.shape)} / {tuple(self.values.shape)}")
-        if self.keys.shape[:2] != self.values.shape[:2]:
+        if self.keys.dim() != 3 or (self.values is not None and self.values.dim() != 3):
+            got = None if self.values is None else tuple(self.values.shape)
+            raise ValueError(f"keys/values must be [H_kv, T, D], got {tuple(self.keys.shape)} / {got}")
+        if self.values is not None and self.keys.shape[:2] != self.values.shape[:2]:
             raise ValueError(f"keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} disagree on [H_kv, T]")
         if self.queries is not None:
             if self.queries.dim() != 3 or self.queries.shape[-1] != self.keys.shape[-1]:

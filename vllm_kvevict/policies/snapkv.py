@@ -17,11 +17,13 @@ Shapes: view.queries [H_q, W, D], view.keys [H_kv, T, D] -> scores [H_kv, T].
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from vllm_kvevict.policies.adakv import ADA_MODE, FLOOR_ALPHA
 from vllm_kvevict.policies.attention import pool_before_recent, window_attention
-from vllm_kvevict.policies.declaration import KeptLayout, LayerBudget, Need
+from vllm_kvevict.policies.declaration import Declaration, KeptLayout, LayerBudget, Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
@@ -45,6 +47,12 @@ class SnapKV(EvictionPolicy):
         self.pooling = str(self.params.get("pooling", "max"))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
         self.value_weight = str(self.params.get("value_weight", VALUE_WEIGHT.default))
+
+    def declare(self) -> Declaration:
+        decl = super().declare()
+        if self.value_weight != "norm":
+            return decl
+        return dataclasses.replace(decl, needs=decl.needs | {Need.VALUES})  # scores weighted by ||v||
 
     def query_window(self, num_tokens: int) -> int:
         return min(self.window, num_tokens)

@@ -24,18 +24,17 @@ def topk_per_head(scores: torch.Tensor, counts: list[int]) -> list[torch.Tensor]
 
     Ties break toward the earlier index so that plans are reproducible across runs.
     """
-    out = []
-    for h, k in enumerate(counts):
-        k = max(0, min(int(k), scores.shape[1]))
-        if k == 0:
-            out.append(torch.empty(0, dtype=torch.long))
-            continue
-        # stable descending sort: equal scores keep their original (positional) order
-        order = torch.sort(scores[h], descending=True, stable=True).indices
-        out.append(torch.sort(order[:k]).values)
-    return out
+    counts = [max(0, min(int(k), scores.shape[1])) for k in counts]
+    # one stable descending sort for every head: equal scores keep their original (positional) order
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    if len(set(counts)) == 1:  # the same count for every head: one sort of the picks too
+        return list(torch.sort(order[:, : counts[0]], dim=1).values.unbind(0))
+    return [torch.sort(order[h, :k]).values for h, k in enumerate(counts)]
 
 
 def merge_kept(protected: torch.Tensor, candidates: torch.Tensor, chosen: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per head: protected positions plus the chosen candidate positions, as sorted token indices."""
+    if chosen and len({ix.numel() for ix in chosen}) == 1:  # rectangular: every head at once
+        merged = torch.cat([protected.expand(len(chosen), -1), candidates[torch.stack(chosen)]], dim=1)
+        return list(torch.sort(merged, dim=1).values.unbind(0))
     return [torch.sort(torch.cat([protected, candidates[ix]])).values for ix in chosen]

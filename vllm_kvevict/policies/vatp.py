@@ -49,7 +49,7 @@ class VATP(EvictionPolicy):
         pooling("max"), KERNEL_SIZE, POOL_ALIGN,
         decode_interval(128),
     )
-    needs = frozenset({Need.WINDOW_QUERIES})
+    needs = frozenset({Need.WINDOW_QUERIES, Need.VALUES})
 
     def __init__(self, budget, params):
         super().__init__(budget, params)
