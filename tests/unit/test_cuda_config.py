@@ -23,9 +23,13 @@ def cpu_config():
 
 @pytest.fixture
 def as_cuda(monkeypatch):
-    """engine_config.configure sees a CUDA platform."""
+    """engine_config.configure sees a CUDA platform. Our plugin registers its attention backend once per
+    process, for the platform it sees then: it is loaded first, on the real (CPU) one, or a later CPU engine
+    in this process would run vLLM's own CPU_ATTN, without eviction."""
     from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
 
+    load_general_plugins()
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
 
 
