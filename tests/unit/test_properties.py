@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_kvevict.policies.adakv import adakv_allocate
-from vllm_kvevict.policies.attention import pool_scores, window_attention
+from vllm_kvevict.policies.attention import pool_scores, share_ranks, window_attention
 from vllm_kvevict.policies.config import PolicyConfig
 from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.gqa import reduce_groups
@@ -271,3 +271,27 @@ def test_batched_top_k_picks_what_one_sort_per_head_picks(num_heads, num_tokens,
     candidates = torch.arange(1, num_tokens + 1)
     for merged, picked in zip(merge_kept(protected, candidates, got), got):
         assert merged.tolist() == sorted([0, num_tokens + 1] + (picked + 1).tolist())
+
+
+@SETTINGS
+@given(num_tokens=st.integers(2, 80), share=st.sampled_from([0.0, 0.25, 0.5, 0.8]), seed=st.integers(0, 10_000),
+       data=st.data())
+def test_a_pool_share_keeps_the_top_of_both_orders_in_proportion(num_tokens, share, seed, data):
+    """`share_ranks`: top-k = the k tokens of least min(rank by pooled / share, rank by raw / (1 - share)),
+    ties to the earlier position, so it holds the pooled order's top ~share*k and the raw order's top
+    ~(1 - share)*k; share 0 is the raw order's top-k."""
+    gen = torch.Generator().manual_seed(seed)
+    pooled = torch.randint(0, 6, (2, num_tokens), generator=gen).float()  # plateaus, as max pooling makes
+    raw = torch.rand(2, num_tokens, generator=gen)
+    k = data.draw(st.integers(1, num_tokens))
+    got = topk_per_head(share_ranks(pooled, raw, share), [k, k])
+    for h in range(2):
+        rank_p = {j: r for r, j in enumerate(sorted(range(num_tokens), key=lambda j: (-float(pooled[h, j]), j)))}
+        rank_r = {j: r for r, j in enumerate(sorted(range(num_tokens), key=lambda j: (-float(raw[h, j]), j)))}
+        key = {j: min(rank_p[j] / share if share else float("inf"), rank_r[j] / (1 - share)) for j in range(num_tokens)}
+        want = sorted(sorted(range(num_tokens), key=lambda j: (key[j], j))[:k])
+        assert got[h].tolist() == want
+        assert sum(rank_p[j] < int(share * k) for j in want) == int(share * k)  # the pooled top share*k is in
+    assert torch.equal(share_ranks(pooled, raw, 1.0), pooled)
+    with pytest.raises(ValueError, match="pool_share=1.5"):
+        share_ranks(pooled, raw, 1.5)

@@ -79,3 +79,31 @@ def pool_before_recent(scores: torch.Tensor, recent: int, kernel_size: int, pool
     cut = scores.shape[-1] - recent
     head = pool_scores(scores[:, :cut], kernel_size, pooling, align)
     return torch.cat([head, scores[:, cut:]], dim=1)
+
+
+def share_ranks(pooled: torch.Tensor, raw: torch.Tensor, share: float) -> torch.Tensor:
+    """Scores [H, T] whose per-head top-k is the union of the top `share` of k by `pooled` and the rest by `raw`.
+
+    Each token's key is min(rank by pooled / share, rank by raw / (1 - share)); ranking by it takes the
+    two orders alternately in that proportion, so any top-k holds ~share*k pooled picks (the spans after
+    a hit: a retrieved number whole) and the rest the raw picks (the single tokens attention points at,
+    what free text reads). Scores become ranks, (T - j) / T for the j-th: the same scale for every head
+    (an allocator comparing heads' magnitudes sees none). share 1: `pooled` itself (not ranked).
+    Ties in either order go to the earlier position.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"pool_share={share} is invalid: expected a share in [0, 1]")
+    if share == 1.0:
+        return pooled
+    num = pooled.shape[-1]
+    positions = torch.arange(num, device=pooled.device, dtype=torch.float64)
+
+    def ranks(scores: torch.Tensor) -> torch.Tensor:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        return torch.empty_like(order, dtype=torch.float64).scatter_(-1, order, positions.expand_as(order).clone())
+
+    by_raw = ranks(raw) / (1.0 - share)
+    key = by_raw if share == 0.0 else torch.minimum(ranks(pooled) / share, by_raw)
+    order = torch.sort(key, dim=-1, stable=True).indices  # ascending key; ties: the earlier position
+    values = ((num - positions) / num).to(pooled.dtype).expand_as(order).clone()
+    return torch.empty_like(values).scatter_(-1, order, values)

@@ -2,7 +2,9 @@
 
 Score: the attention the proxy tokens (the last `proxy_ratio` of the prompt, at least one) pay to
 every prompt token, summed over the proxies and reduced over each GQA group, then pooled along tokens
-like SnapKV's scores (max over the 11 tokens up to each; `pooling: none` is the paper's).
+like SnapKV's scores (max over the 11 tokens up to each; `pooling: none` is the paper's; `pool_share` < 1
+picks that share by pooled scores and the rest by the paper's, `attention.share_ranks`; the random
+sample's softmax then runs over those ranks).
 Select, per KV head: the top `(1 - random_fraction)` of the head's slots by score, then the rest
 sampled without replacement from the remaining candidates with probability softmax(score) (the
 reference code's rule, SPEC.md 1.9). Different heads and layers draw different samples
@@ -18,12 +20,12 @@ import math
 
 import torch
 
-from vllm_kvevict.policies.attention import pool_before_recent, window_attention
+from vllm_kvevict.policies.attention import pool_before_recent, share_ranks, window_attention
 from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, Param, decode_interval, pooling, sink_tokens)
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOL_SHARE, Param, decode_interval, pooling, sink_tokens)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.topk import topk_per_head
 
@@ -40,7 +42,7 @@ class NACL(EvictionPolicy):
         Param("seed", int, 0, "seed of the random eviction (same seed, same plan)", 0, 2**62),
         # not in the paper: SnapKV's pooling of the proxy scores (docs/results.md, pooling ablation: needles
         # at 1/8 and 1/4 of a 2K prompt 0 -> the full cache's); `pooling: none` restores the paper
-        pooling("max"), KERNEL_SIZE, POOL_ALIGN,
+        pooling("max"), KERNEL_SIZE, POOL_ALIGN, POOL_SHARE,
         decode_interval(),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
@@ -53,6 +55,7 @@ class NACL(EvictionPolicy):
         self.pooling = str(self.params.get("pooling", "max"))
         self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
+        self.pool_share = float(self.params.get("pool_share", POOL_SHARE.default))
 
     def num_proxies(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, math.floor(self.proxy_ratio * num_tokens)))
@@ -68,8 +71,12 @@ class NACL(EvictionPolicy):
         if view.queries is None:
             raise ValueError(f"nacl needs the last {self.num_proxies(view.num_tokens)} prompt queries (view.queries is None)")
         probs = window_attention(view.queries, view.keys, query_start=view.query_start)  # [H_q, P, T]
-        scores = pool_before_recent(probs.sum(dim=1), probs.shape[1], self.kernel_size, self.pooling, self.pool_align)
-        return reduce_groups(scores, view.num_kv_heads, self.gqa_reduce)
+        summed = probs.sum(dim=1)
+        pooled = pool_before_recent(summed, probs.shape[1], self.kernel_size, self.pooling, self.pool_align)
+        if self.pool_share == 1.0:
+            return reduce_groups(pooled, view.num_kv_heads, self.gqa_reduce)
+        return share_ranks(reduce_groups(pooled, view.num_kv_heads, self.gqa_reduce),
+                           reduce_groups(summed, view.num_kv_heads, self.gqa_reduce), self.pool_share)
 
     def choose(self, cand_scores: torch.Tensor, counts: list[int], view: LayerView) -> list[torch.Tensor]:
         n_random = [int(round(c * self.random_fraction)) for c in counts]

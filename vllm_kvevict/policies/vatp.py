@@ -2,7 +2,8 @@
 
 Importance I_k = S_k * ||v_k||_1, where S_k is the attention token k receives and ||v_k||_1 the L1
 norm of its value vector (per KV head), then pooled along tokens like SnapKV's scores (max over the 11
-tokens up to each; `pooling: none` is the paper's). Sinks are always kept, because their values are
+tokens up to each; `pooling: none` is the paper's; `pool_share` < 1 picks that share by pooled scores and
+the rest by the paper's, `attention.share_ranks`). Sinks are always kept, because their values are
 small and the product would otherwise evict them. Two attention modes:
   window      mean attention of the last `window` prompt queries (the reference's Scissorhands mode)
   accumulate  attention summed over all prompt queries (the reference's H2O mode)
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvevict.policies.attention import pool_before_recent, window_attention
+from vllm_kvevict.policies.attention import pool_before_recent, share_ranks, window_attention
 from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, Param, decode_interval, pooling, sink_tokens, window)
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOL_SHARE, Param, decode_interval, pooling, sink_tokens,
+    window)
 from vllm_kvevict.policies.plan import LayerView
 
 
@@ -46,7 +48,7 @@ class VATP(EvictionPolicy):
               choices=("window", "accumulate")),
         # not in the paper: SnapKV's pooling of the importance (docs/results.md, pooling ablation: needles
         # at 1/8 and 1/4 of a 2K prompt 0 -> the full cache's); `pooling: none` restores the paper
-        pooling("max"), KERNEL_SIZE, POOL_ALIGN,
+        pooling("max"), KERNEL_SIZE, POOL_ALIGN, POOL_SHARE,
         decode_interval(128),
     )
     needs = frozenset({Need.WINDOW_QUERIES, Need.VALUES})
@@ -58,6 +60,7 @@ class VATP(EvictionPolicy):
         self.pooling = str(self.params.get("pooling", "max"))
         self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
+        self.pool_share = float(self.params.get("pool_share", POOL_SHARE.default))
 
     def query_window(self, num_tokens: int) -> int:
         return num_tokens if self.mode == "accumulate" else min(self.window, num_tokens)
@@ -78,7 +81,8 @@ class VATP(EvictionPolicy):
         attention = running if running is not None else self.attention_received(view)
         importance = value_aware_importance(attention, view.values)
         recent = self.recent_tokens(view.num_tokens)
-        return pool_before_recent(importance, recent, self.kernel_size, self.pooling, self.pool_align)
+        pooled = pool_before_recent(importance, recent, self.kernel_size, self.pooling, self.pool_align)
+        return share_ranks(pooled, importance, self.pool_share)
 
     def accumulate_step(self, running: torch.Tensor, step_probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """Add one decode step's attention [H_q, N] to the running per-KV-head sum [H_kv, N']."""
