@@ -242,7 +242,8 @@ def test_pooling_option_lifts_what_follows_a_hit_and_leaves_the_recent_tokens_al
     keys[0, hit, 0] = 40.0  # every query attends (almost only) to the hit
     values = torch.ones(1, num_tokens, dim)
     plain = PolicyConfig(name, 8, (("pooling", "none"),)).build()
-    pooled = PolicyConfig(name, 8, (("pooling", "max"), ("kernel_size", 5), ("pool_align", "follow"))).build()
+    pooled = PolicyConfig(name, 8, (("pooling", "max"), ("kernel_size", 5), ("pool_align", "follow"),
+                                    ("pool_share", 1.0))).build()
     recent = plain.recent_tokens(num_tokens)
     queries = torch.zeros(1, plain.query_window(num_tokens), dim)
     queries[..., 0] = 1.0
@@ -253,6 +254,28 @@ def test_pooling_option_lifts_what_follows_a_hit_and_leaves_the_recent_tokens_al
     assert lifted[hit + 5] < base[hit] / 100 and lifted[hit - 1] < base[hit] / 100
     torch.testing.assert_close(lifted[num_tokens - recent :], base[num_tokens - recent :])
 
+
+
+def test_vatp_keeps_half_its_slots_for_the_span_after_a_hit_and_half_for_the_papers_picks():
+    """VATP's default (`pool_share: 0.5`): the pooled half keeps what follows the strongest hit (the rest of a
+    number), the other half the tokens its unpooled score ranks first, as the paper keeps them."""
+    num_tokens, dim, hit, others = 96, 8, 20, [35, 42, 49, 56]
+    keys = torch.zeros(1, num_tokens, dim)
+    keys[0, hit, 0] = 12.0
+    keys[0, others, 0] = torch.tensor([9.0, 8.5, 8.0, 7.5])  # weaker hits, each alone
+    values = torch.ones(1, num_tokens, dim)
+    policy = PolicyConfig("vatp", 64).build()
+    assert policy.pool_share == 0.5
+    queries = torch.zeros(1, policy.query_window(num_tokens), dim)
+    queries[..., 0] = 1.0
+    view = LayerView(keys, values, queries, layer=0, num_layers=1)
+    protected, candidates = policy._region_positions(num_tokens, num_tokens - 32)
+    kept = set(policy.plan_rect(view, num_tokens - 32, protected.numel() + 10).indices[0].tolist())
+    assert set(range(hit, hit + 5)) <= kept  # the pooled half: the hit and what follows it
+    assert set(others) <= kept  # the unpooled half: the paper's next picks
+    only_pooled = PolicyConfig("vatp", 64, (("pool_share", 1.0),)).build()
+    kept = set(only_pooled.plan_rect(view, num_tokens - 32, protected.numel() + 10).indices[0].tolist())
+    assert set(range(hit, hit + 10)) <= kept and not set(others) & kept
 
 @SETTINGS
 @given(num_heads=st.integers(1, 4), num_tokens=st.integers(1, 60), data=st.data())

@@ -25,7 +25,7 @@ from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOL_SHARE, Param, decode_interval, pooling, sink_tokens)
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, Param, decode_interval, pool_share, pooling, sink_tokens)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.topk import topk_per_head
 
@@ -42,7 +42,7 @@ class NACL(EvictionPolicy):
         Param("seed", int, 0, "seed of the random eviction (same seed, same plan)", 0, 2**62),
         # not in the paper: SnapKV's pooling of the proxy scores (docs/results.md, pooling ablation: needles
         # at 1/8 and 1/4 of a 2K prompt 0 -> the full cache's); `pooling: none` restores the paper
-        pooling("max"), KERNEL_SIZE, POOL_ALIGN, POOL_SHARE,
+        pooling("max"), KERNEL_SIZE, POOL_ALIGN, pool_share(1.0),
         decode_interval(),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
@@ -55,7 +55,7 @@ class NACL(EvictionPolicy):
         self.pooling = str(self.params.get("pooling", "max"))
         self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
-        self.pool_share = float(self.params.get("pool_share", POOL_SHARE.default))
+        self.pool_share = float(self.params["pool_share"])
 
     def num_proxies(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, math.floor(self.proxy_ratio * num_tokens)))
@@ -73,7 +73,7 @@ class NACL(EvictionPolicy):
         probs = window_attention(view.queries, view.keys, query_start=view.query_start)  # [H_q, P, T]
         summed = probs.sum(dim=1)
         pooled = pool_before_recent(summed, probs.shape[1], self.kernel_size, self.pooling, self.pool_align)
-        if self.pool_share == 1.0:
+        if self.pool_share == 1.0 or self.pooling == "none":
             return reduce_groups(pooled, view.num_kv_heads, self.gqa_reduce)
         return share_ranks(reduce_groups(pooled, view.num_kv_heads, self.gqa_reduce),
                            reduce_groups(summed, view.num_kv_heads, self.gqa_reduce), self.pool_share)

@@ -130,8 +130,11 @@ POOLING = pooling()
 POOL_ALIGN = Param("pool_align", str, "follow", "where the pooling kernel sits: 'center' (SnapKV: a hit lifts its "
                    "k//2 neighbours each side) or 'follow' (a hit lifts the k-1 tokens after it)",
                    choices=("center", "follow"))
-POOL_SHARE = Param("pool_share", float, 1.0, "share of the kept tokens picked by pooled scores, the rest by "
-                   "the unpooled ones (1: pooled only; 0: the paper's unpooled scores)", 0.0, 1.0)
+def pool_share(default: float = 1.0) -> Param:
+    return Param("pool_share", float, default, "share of the kept tokens picked by pooled scores, the rest by the "
+                 "unpooled ones (1: pooled only; 0: unpooled, as VATP's and NACL's papers)", 0.0, 1.0)
+
+
 VALUE_WEIGHT = Param("value_weight", str, "none", "weight each token's window attention by its value norm before "
                      "pooling ('norm': a token moves the output by attention x ||v||, after CriticalKV)",
                      choices=("none", "norm"))

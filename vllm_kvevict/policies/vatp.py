@@ -1,9 +1,11 @@
 """VATP, value-aware token pruning (Guo et al., arXiv 2406.12335): attention x ||v||_1.
 
 Importance I_k = S_k * ||v_k||_1, where S_k is the attention token k receives and ||v_k||_1 the L1
-norm of its value vector (per KV head), then pooled along tokens like SnapKV's scores (max over the 11
-tokens up to each; `pooling: none` is the paper's; `pool_share` < 1 picks that share by pooled scores and
-the rest by the paper's, `attention.share_ranks`). Sinks are always kept, because their values are
+norm of its value vector (per KV head). Half of each head's kept tokens are picked by I pooled along
+tokens like SnapKV's scores (max over the 11 tokens up to each: a retrieved number kept whole), half by I
+itself, the paper's score (`pool_share: 0.5`, `attention.share_ranks`): pooled only kept every needle but
+lost greedy agreement with the full cache, unpooled the reverse (docs/results.md, pool_share ablation);
+`pooling: none` is the paper's. Sinks are always kept, because their values are
 small and the product would otherwise evict them. Two attention modes:
   window      mean attention of the last `window` prompt queries (the reference's Scissorhands mode)
   accumulate  attention summed over all prompt queries (the reference's H2O mode)
@@ -24,7 +26,7 @@ from vllm_kvevict.policies.declaration import Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOL_SHARE, Param, decode_interval, pooling, sink_tokens,
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, Param, decode_interval, pool_share, pooling, sink_tokens,
     window)
 from vllm_kvevict.policies.plan import LayerView
 
@@ -48,7 +50,7 @@ class VATP(EvictionPolicy):
               choices=("window", "accumulate")),
         # not in the paper: SnapKV's pooling of the importance (docs/results.md, pooling ablation: needles
         # at 1/8 and 1/4 of a 2K prompt 0 -> the full cache's); `pooling: none` restores the paper
-        pooling("max"), KERNEL_SIZE, POOL_ALIGN, POOL_SHARE,
+        pooling("max"), KERNEL_SIZE, POOL_ALIGN, pool_share(0.5),
         decode_interval(128),
     )
     needs = frozenset({Need.WINDOW_QUERIES, Need.VALUES})
@@ -60,7 +62,7 @@ class VATP(EvictionPolicy):
         self.pooling = str(self.params.get("pooling", "max"))
         self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
-        self.pool_share = float(self.params.get("pool_share", POOL_SHARE.default))
+        self.pool_share = float(self.params["pool_share"])
 
     def query_window(self, num_tokens: int) -> int:
         return num_tokens if self.mode == "accumulate" else min(self.window, num_tokens)
@@ -82,6 +84,8 @@ class VATP(EvictionPolicy):
         importance = value_aware_importance(attention, view.values)
         recent = self.recent_tokens(view.num_tokens)
         pooled = pool_before_recent(importance, recent, self.kernel_size, self.pooling, self.pool_align)
+        if self.pooling == "none":
+            return importance  # the paper's score: nothing to share
         return share_ranks(pooled, importance, self.pool_share)
 
     def accumulate_step(self, running: torch.Tensor, step_probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
