@@ -1,4 +1,5 @@
-"""Attention probabilities of a few trailing prompt queries over the prompt's keys.
+"""Attention probabilities of a few trailing prompt queries over the prompt's keys, and how the scores
+made from them are smoothed along tokens (pooling) or split between pooled and raw picks (`share_ranks`).
 
 The scorers of SnapKV, NACL and VATP all start here. Reference math in fp32; the window is small
 (tens of queries), so materialising [H_q, W, T] is cheap.
