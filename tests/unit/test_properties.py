@@ -255,7 +255,6 @@ def test_pooling_option_lifts_what_follows_a_hit_and_leaves_the_recent_tokens_al
     torch.testing.assert_close(lifted[num_tokens - recent :], base[num_tokens - recent :])
 
 
-
 def test_vatp_keeps_half_its_slots_for_the_span_after_a_hit_and_half_for_the_papers_picks():
     """VATP's default (`pool_share: 0.5`): the pooled half keeps what follows the strongest hit (the rest of a
     number), the other half the tokens its unpooled score ranks first, as the paper keeps them."""
@@ -276,6 +275,7 @@ def test_vatp_keeps_half_its_slots_for_the_span_after_a_hit_and_half_for_the_pap
     only_pooled = PolicyConfig("vatp", 64, (("pool_share", 1.0),)).build()
     kept = set(only_pooled.plan_rect(view, num_tokens - 32, protected.numel() + 10).indices[0].tolist())
     assert set(range(hit, hit + 10)) <= kept and not set(others) & kept
+
 
 @SETTINGS
 @given(num_heads=st.integers(1, 4), num_tokens=st.integers(1, 60), data=st.data())

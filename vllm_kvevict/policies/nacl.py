@@ -73,10 +73,10 @@ class NACL(EvictionPolicy):
         probs = window_attention(view.queries, view.keys, query_start=view.query_start)  # [H_q, P, T]
         summed = probs.sum(dim=1)
         pooled = pool_before_recent(summed, probs.shape[1], self.kernel_size, self.pooling, self.pool_align)
-        if self.pool_share == 1.0 or self.pooling == "none":
-            return reduce_groups(pooled, view.num_kv_heads, self.gqa_reduce)
-        return share_ranks(reduce_groups(pooled, view.num_kv_heads, self.gqa_reduce),
-                           reduce_groups(summed, view.num_kv_heads, self.gqa_reduce), self.pool_share)
+        pooled = reduce_groups(pooled, view.num_kv_heads, self.gqa_reduce)
+        if self.pool_share == 1.0 or self.pooling == "none":  # nothing to share
+            return pooled
+        return share_ranks(pooled, reduce_groups(summed, view.num_kv_heads, self.gqa_reduce), self.pool_share)
 
     def choose(self, cand_scores: torch.Tensor, counts: list[int], view: LayerView) -> list[torch.Tensor]:
         n_random = [int(round(c * self.random_fraction)) for c in counts]

@@ -130,6 +130,8 @@ POOLING = pooling()
 POOL_ALIGN = Param("pool_align", str, "follow", "where the pooling kernel sits: 'center' (SnapKV: a hit lifts its "
                    "k//2 neighbours each side) or 'follow' (a hit lifts the k-1 tokens after it)",
                    choices=("center", "follow"))
+
+
 def pool_share(default: float = 1.0) -> Param:
     return Param("pool_share", float, default, "share of the kept tokens picked by pooled scores, the rest by the "
                  "unpooled ones (1: pooled only; 0: unpooled, as VATP's and NACL's papers)", 0.0, 1.0)

@@ -82,10 +82,10 @@ class VATP(EvictionPolicy):
         running = view.extra.get("running_attention")
         attention = running if running is not None else self.attention_received(view)
         importance = value_aware_importance(attention, view.values)
-        recent = self.recent_tokens(view.num_tokens)
-        pooled = pool_before_recent(importance, recent, self.kernel_size, self.pooling, self.pool_align)
         if self.pooling == "none":
             return importance  # the paper's score: nothing to share
+        pooled = pool_before_recent(importance, self.recent_tokens(view.num_tokens), self.kernel_size, self.pooling,
+                                    self.pool_align)
         return share_ranks(pooled, importance, self.pool_share)
 
     def accumulate_step(self, running: torch.Tensor, step_probs: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
