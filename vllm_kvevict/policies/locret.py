@@ -141,7 +141,10 @@ class Locret(EvictionPolicy):
         # more 4K needles at budget 1024 but lose fluency at 512 (docs/results.md, Locret ablation)
         Param("stabilizers", int, 256, "last tokens always kept (context continuity)", 0, MAX_TOKENS),
         # ours, not the paper's: pooling keeps a scored token's neighbours (a number's digits) with it
-        Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off)", 1, 255),
+        # pooled per computed step: above 1, which tokens are kept depends on how the prompt was split into
+        # steps (batch and prefix-cache hits), not only on the prompt (docs/results.md, pool_share ablation)
+        Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off; above 1 the kept tokens "
+              "depend on how the prompt is split into steps)", 1, 255),
         Param("weights", str, None, "retaining-head weights file (default: the shipped ones)", optional=True),
         decode_interval(),
     )
