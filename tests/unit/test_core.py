@@ -322,3 +322,50 @@ def test_a_compaction_gathers_the_values_only_for_a_scorer_that_declares_them(po
     kept = torch.stack(pol.plan_rect(view, comp.compactable_tokens, comp.kept_tokens).indices)
     got_k, _ = gather_dense(*cpu_views(cache), row, comp.kept_tokens)
     assert torch.equal(got_k, k.gather(1, kept[..., None].expand(-1, -1, DIM)))
+
+
+def _locret_params(heads) -> dict:
+    return {"weights": str(heads), "chunk_size": 64, "stabilizers": 16, "kernel_size": 5}
+
+
+def _locret_prefill(heads, qkv: torch.Tensor, cache: torch.Tensor, row: torch.Tensor, steps: list[int]):
+    """Prefill a Locret prompt in steps of the given sizes (each stopping at or before the next compaction
+    point, as the scheduler does), compacting when a step reaches a point; the cache and the kept scores."""
+    state = WorkerState()
+    layer = LayerEviction(0, TORCH_CPU, DIM**-0.5, state)
+    params = _locret_params(heads)
+    done, prompt = 0, qkv.shape[0]
+    for size in steps:
+        info = _row("r", "locret", 64, prompt, done, size, **params)
+        point = info.plan.compaction.next_point(done)
+        assert point is None or done + size <= point, "a step runs past a compaction point"
+        plan, _, _ = plan_step(StepContext((info,), 1), [0, size], torch.tensor([done + size]), row[None].clone(), state)
+        state.qkv[0] = qkv[done : done + size]
+        layer.before_attention(plan, torch.zeros(size, HKV * GROUP, DIM))
+        compact_due(state, [(layer, cache)], 1)
+        done += size
+    assert done == prompt
+    return cache, state.scores.take("r", 0)[0]
+
+
+def test_locret_keeps_the_same_tokens_however_its_prefill_is_split_into_steps(tmp_path):
+    """Pooling (kernel_size > 1) runs over the whole run of tokens since the last compaction point, not
+    over each step's tokens: a prompt split into other steps (batching, chunked prefill) keeps the same KV."""
+    from vllm_kvevict.policies.locret import HeadShape, RetainingHeads
+
+    heads = tmp_path / "heads.pt"
+    torch.manual_seed(0)
+    shape = HeadShape(num_layers=1, num_heads=HKV * GROUP, num_kv_heads=HKV, head_dim=DIM, hidden=8)
+    RetainingHeads(shape).save(heads)
+    prompt = 700
+    cache, row, _, _, gen = _cache_with_prompt(prompt, seed=5)
+    qkv = torch.randn(prompt, shape.in_features, generator=gen)
+    comp = _row("r", "locret", 64, prompt, 0, prompt, **_locret_params(heads)).plan.compaction
+    points = [comp.point(k) for k in range(comp.last_epoch + 1)] + [prompt]
+    assert len(points) >= 3  # several compactions during the prefill
+    whole = [b - a for a, b in zip([0] + points, points)]  # one step per chunk
+    split = [piece for size in whole for piece in (size - size // 3, size // 3) if piece]  # each in two
+    got_whole, scores_whole = _locret_prefill(heads, qkv, cache.clone(), row, whole)
+    got_split, scores_split = _locret_prefill(heads, qkv, cache.clone(), row, split)
+    assert not torch.equal(got_whole, cache)  # it compacted
+    assert torch.equal(got_whole, got_split) and torch.equal(scores_whole, scores_split)

@@ -359,8 +359,9 @@ def test_locret_kernel_size_max_pools_predictions_along_tokens():
     qkv = torch.randn(9, plain.heads.shape.in_features, generator=torch.Generator().manual_seed(0))
     raw = plain.token_scores(5, qkv)
     assert plain.kernel_size == 1 and pooled.kernel_size == 3  # pooling is off by default
+    assert torch.equal(pooled.token_scores(5, qkv), raw) and torch.equal(plain.run_scores(raw), raw)
     expected = torch.stack([raw[:, max(0, i - 1): i + 2].max(dim=1).values for i in range(9)], dim=1)
-    assert torch.allclose(pooled.token_scores(5, qkv), expected)
+    assert torch.allclose(pooled.run_scores(raw), expected)  # pooled over a compaction's whole run
     with pytest.raises(ValueError, match="kernel_size=0"):
         PolicyConfig.from_dict({"policy": "locret", "kernel_size": 0})
 

@@ -144,17 +144,18 @@ def _dense_view(layer: LayerEviction, row: RowInfo, physical_row: torch.Tensor, 
 
 
 def _retained(layer: LayerEviction, row: RowInfo, k: int, region: int) -> torch.Tensor:
-    """Need.PRE_ROPE_QKV: choose among [kept region | tokens since compaction k-1] by their scores."""
+    """Need.PRE_ROPE_QKV: choose among [kept region | tokens since compaction k-1] by their scores (the
+    kept ones' as remembered, the new run's as the policy scores the run from its tokens' scores)."""
     comp = row.plan.compaction
     kept, pending = layer.state.scores.take(row.req_id, layer.layer)
     start = 0 if k == 0 else comp.tail_block(k - 1) * comp.block_size  # logical start of the new tokens
-    parts = [] if k == 0 else [kept]
-    expect = start
+    run, expect = [], start
     for first, scores in pending:
         if first != expect:
             raise RuntimeError(f"{row.req_id} layer {layer.layer}: scores resume at {first}, expected {expect}")
-        parts.append(scores)
+        run.append(scores)
         expect += scores.shape[1]
+    parts = ([] if k == 0 else [kept]) + ([row.plan.policy.run_scores(torch.cat(run, dim=1))] if run else [])
     scores = torch.cat(parts, dim=1) if parts and all(p is not None for p in parts) else None
     if scores is None or scores.shape[1] != region:
         got = None if scores is None else scores.shape[1]

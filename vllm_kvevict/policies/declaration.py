@@ -27,8 +27,9 @@ class Need(str, enum.Enum):
     # The last `query_window(T)` prompt queries (RoPE applied), captured while the prompt is prefilled
     # and handed to `score()` in LayerView.queries at the compaction.
     WINDOW_QUERIES = "window_queries"
-    # Each token's pre-RoPE q/k/v, scored by `token_scores()` as the token is computed; the scores are
-    # remembered with the kept tokens and `retain()` chooses at each compaction. Read through a module
+    # Each token's pre-RoPE q/k/v, scored by `token_scores()` as the token is computed; at each compaction
+    # `run_scores()` scores the run since the last one from them (so that steps do not matter), the
+    # scores are remembered with the kept tokens and `retain()` chooses. Read through a module
     # hook on the qkv projection, so the model must run eagerly.
     PRE_ROPE_QKV = "pre_rope_qkv"
     # The dense values in LayerView.values (a scorer that weights by them); without it the view has none

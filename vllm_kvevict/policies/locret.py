@@ -126,10 +126,11 @@ def retain_topk(kept_cis: torch.Tensor, chunk_cis: torch.Tensor, budget: int, st
 
 
 class Locret(EvictionPolicy):
-    """Inside vLLM (per prefill chunk): `token_scores` scores each chunk's tokens as the model computes
-    them; at every chunk boundary `retain` picks what the cache keeps from [kept | chunk] by the scores
-    remembered with the kept tokens and the new ones (vllm_kvevict/paged/layout.py has the block arithmetic).
-    `plan` (the base pipeline) is the one-shot variant over a whole prompt."""
+    """Inside vLLM (per prefill chunk): `token_scores` scores each step's tokens as the model computes
+    them; at every chunk boundary `run_scores` pools the tokens computed since the last one (a run whose
+    edges the prompt fixes, not the schedule) and `retain` picks what the cache keeps from [kept | run] by
+    the scores remembered with the kept tokens and the run's (vllm_kvevict/paged/layout.py has the block
+    arithmetic). `plan` (the base pipeline) is the one-shot variant over a whole prompt."""
 
     name = "locret"
     description = "trained retaining heads predict causal importance; per prefill chunk"
@@ -140,11 +141,9 @@ class Locret(EvictionPolicy):
         # [EXT] 2500 at 128K; scaled to an 8K model. Fewer stabilizers with kernel_size 3 retrieve far
         # more 4K needles at budget 1024 but lose fluency at 512 (docs/results.md, Locret ablation)
         Param("stabilizers", int, 256, "last tokens always kept (context continuity)", 0, MAX_TOKENS),
-        # ours, not the paper's: pooling keeps a scored token's neighbours (a number's digits) with it
-        # pooled per computed step: above 1, which tokens are kept depends on how the prompt was split into
-        # steps (batch and prefix-cache hits), not only on the prompt (docs/results.md, pool_share ablation)
-        Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off; above 1 the kept tokens "
-              "depend on how the prompt is split into steps)", 1, 255),
+        # ours, not the paper's: pooling keeps a scored token's neighbours (a number's digits) with it; it
+        # pools each chunk's run of tokens whole, so the kept tokens do not depend on how steps split it
+        Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off)", 1, 255),
         Param("weights", str, None, "retaining-head weights file (default: the shipped ones)", optional=True),
         decode_interval(),
     )
@@ -181,7 +180,14 @@ class Locret(EvictionPolicy):
         expected = self.heads.shape.in_features
         if qkv.dim() != 2 or qkv.shape[1] != expected:
             raise ValueError(f"locret: q/k/v rows of shape {tuple(qkv.shape)}, the heads take [T, {expected}]")
-        return pool_scores(self._predict(layer, qkv), self.kernel_size, "max").cpu()
+        return self._predict(layer, qkv).cpu()
+
+    def run_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores [H_kv, N] a compaction ranks the run of tokens computed since the last compaction point by,
+        from their per-token predictions [H_kv, N]: max-pooled over `kernel_size` within the run. The run's
+        edges are compaction points (the prompt and `chunk_size` fix them), so the same prompt keeps the
+        same tokens however its prefill was split into steps."""
+        return pool_scores(scores, self.kernel_size, "max")
 
     def _predict(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         if next(self.heads.parameters()).device != qkv.device:
