@@ -1,12 +1,15 @@
 """Locret inside real vLLM: per-chunk eviction during prefill with the shipped retaining heads.
 
-One engine, server-wide `locret` with budget 512 (chunk 512, stabilizers 256), 1024-token prefill
+One engine, server-wide `locret` with budget 512 (chunk 512; at 1/8 of a 4K prompt its defaults are 256
+stabilizers and no pooling, from 1/4 of the prompt up 64 and pooling over 3), 1024-token prefill
 steps. A 4K prompt keeps 4 blocks and compacts after every 512-token chunk from 1024 on, so it never
 holds more than kept + one chunk = 8 blocks (the full prompt needs 32), + the 4 fresh blocks of the
 first compaction for one step (prefix caching on: its first 1024 tokens stay cached).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 
@@ -59,20 +62,21 @@ def test_4k_prompt_at_budget_512_holds_kept_plus_one_chunk_and_answers(llm, tok)
 class _Request:
     """Just what KVEvictScheduler.kv_plan reads."""
 
-    def __init__(self, prompt_len: int):
-        self.request_id = f"probe-{prompt_len}"
+    def __init__(self, prompt_len: int, **extra_args):
+        self.request_id = f"probe-{prompt_len}-{sorted(extra_args.items())}"
         self.num_prompt_tokens = prompt_len
-        self.sampling_params = None
+        self.sampling_params = SimpleNamespace(extra_args=extra_args) if extra_args else None
 
 
 def test_4k_retrieval_succeeds_wherever_the_full_cache_succeeds(llm, tok):
     """Passkeys and needles at 4K (retrieval_samples: the default model solves the needles with the full
     cache, never a passkey at this length, so a passkey asserts only if the full cache gets it).
 
-    Defaults at budget 2048; at a quarter of the KV (1024) with stabilizers 64 and kernel_size 3, the
-    settings that retrieve 13 of 15 such needles in the ablation (docs/results.md). The defaults at 1024
-    retrieve 4 of 15; on this test's two needles (9080869, 7734528) they answer '"LATIN CAPITAL LETTER ALP'
-    and '773452', snapkv '9080.' and '773456'."""
+    The defaults at budgets 2048 and 1024 (a quarter of the KV): from 1/4 of the prompt up they are
+    stabilizers 64 and kernel_size 3, the settings that retrieve 13 of 15 such needles in the ablation
+    (docs/results.md). The paper's settings (stabilizers 256, no pooling) at 1024 retrieve 4 of 15; on this
+    test's two needles (9080869, 7734528) they answer '"LATIN CAPITAL LETTER ALP' and '773452', snapkv
+    '9080.' and '773456'."""
     from vllm_kvevict.eval.scoring import contains_all
 
     samples = retrieval_samples(tok, 4096)
@@ -84,7 +88,9 @@ def test_4k_retrieval_succeeds_wherever_the_full_cache_succeeds(llm, tok):
     full = answers(greedy(12, kv_policy="none"))
     solved = [contains_all(t, s.answers) for t, s in zip(full, samples)]
     assert sum(solved) >= 2, full  # the model can do the task at this length
-    for params in (greedy(12, kv_budget=2048), greedy(12, kv_budget=1024, kv_stabilizers=64, kv_kernel_size=3)):
+    wide = scheduler(llm).kv_plan(_Request(len(samples[0].prompt_ids), kv_budget=1024)).policy
+    assert (wide.stabilizers, wide.kernel_size) == (64, 3)  # the defaults from 1/4 of the prompt up
+    for params in (greedy(12, kv_budget=2048), greedy(12, kv_budget=1024)):
         for ok, text, sample in zip(solved, answers(params), samples):
             if ok:
                 assert contains_all(text, sample.answers), (params.extra_args, text, sample.answers, full)

@@ -366,6 +366,23 @@ def test_locret_kernel_size_max_pools_predictions_along_tokens():
         PolicyConfig.from_dict({"policy": "locret", "kernel_size": 0})
 
 
+@pytest.mark.parametrize("budget, prompt_len, expect", [(512, 1024, (64, 3)), (512, 2048, (64, 3)), (512, 2049, (256, 1)),
+                                                       (0.25, 4000, (64, 3)), (0.125, 4000, (256, 1))])
+def test_locret_defaults_follow_the_budgets_share_of_the_prompt(budget, prompt_len, expect):
+    """Left to their defaults, stabilizers and kernel_size are 64 and 3 from a budget of 1/4 of the prompt up,
+    else 256 and 1; the plan a request runs carries them, and a value that was given stays as given."""
+    from vllm_kvevict.core.requests import build_policy, plan_for
+    from vllm_kvevict.policies.config import PolicyConfig
+
+    config = PolicyConfig.from_dict({"policy": "locret", "budget": budget})
+    auto = plan_for(config, prompt_len, 128, 30)
+    assert (auto.policy.stabilizers, auto.policy.kernel_size) == expect
+    assert auto.policy.heads is build_policy(config).heads  # resolved copies share the loaded heads
+    given = plan_for(PolicyConfig.from_dict({"policy": "locret", "budget": budget, "stabilizers": 100}), prompt_len, 128, 30)
+    assert (given.policy.stabilizers, given.policy.kernel_size) == (100, expect[1])
+    assert given.compaction == auto.compaction  # the settings move no block
+
+
 def test_score_store_keeps_pending_chunks_in_order():
     from vllm_kvevict.core.state import ScoreStore
 

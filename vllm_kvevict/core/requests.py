@@ -118,6 +118,8 @@ def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers:
     largest layer, compacted when its declaration says; into fresh blocks with `copy_on_compact`
     (prefix caching on: the prompt's blocks stay valid for other requests)."""
     policy = build_policy(config)
+    if policy is not None:
+        policy = policy.for_prompt(prompt_len)  # defaults that depend on the prompt's length, resolved
     if policy is None or policy.declaration.selects:
         return RequestPlan(config, policy, None)
     decl = policy.declaration

@@ -42,6 +42,11 @@ class Policy:
         """When it acts, what it needs, how kept tokens are laid out (read by the eviction core)."""
         return self.declare()
 
+    def for_prompt(self, num_tokens: int) -> Policy:
+        """The policy a request with a `num_tokens`-token prompt runs: parameters whose default depends on
+        the prompt (e.g. on the budget's share of it) resolved. Default: this policy itself."""
+        return self
+
     def declare(self) -> Declaration:
         """This instance's declaration (subclasses add what their parameters decide)."""
         return Declaration(self.trigger)

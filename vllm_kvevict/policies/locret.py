@@ -15,6 +15,7 @@ Shapes: qkv [T, (H_q + 2 H_kv) * d] -> CIS [H_kv, T].
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,10 +23,16 @@ import torch
 from torch import nn
 
 from vllm_kvevict.policies.attention import pool_scores
+from vllm_kvevict.policies.budget import resolve_budget
 from vllm_kvevict.policies.declaration import Need, Trigger
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.params import MAX_TOKENS, MIN_PROMPT_LEN, Param, decode_interval, sink_tokens
 from vllm_kvevict.policies.plan import LayerView
+
+# default (stabilizers, kernel_size) when the budget is (True) or is not (False) at least 1/WIDE_FROM of the
+# prompt (docs/results.md: the Locret ablation and the n = 24 agreement run)
+AUTO_SETTINGS = {True: (64, 3), False: (256, 1)}
+WIDE_FROM = 4
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "models" / "locret"
 
@@ -139,11 +146,14 @@ class Locret(EvictionPolicy):
         # [EXT] chunk 3072 at 128K; scaled to an 8K model
         Param("chunk_size", int, 512, "prefill chunk after which the cache is compacted", 16, MAX_TOKENS),
         # [EXT] 2500 at 128K; scaled to an 8K model. Fewer stabilizers with kernel_size 3 retrieve far
-        # more 4K needles at budget 1024 but lose fluency at 512 (docs/results.md, Locret ablation)
-        Param("stabilizers", int, 256, "last tokens always kept (context continuity)", 0, MAX_TOKENS),
+        # more needles from a budget of 1/4 of the prompt up but lose fluency at 1/8 (docs/results.md,
+        # Locret ablation): by default each is chosen by the budget's share of the prompt (`for_prompt`)
+        Param("stabilizers", int, None, "last tokens always kept (context continuity); null: 64 when the budget "
+              "is at least 1/4 of the prompt, else 256", 0, MAX_TOKENS, optional=True),
         # ours, not the paper's: pooling keeps a scored token's neighbours (a number's digits) with it; it
         # pools each chunk's run of tokens whole, so the kept tokens do not depend on how steps split it
-        Param("kernel_size", int, 1, "max-pool the predicted scores along tokens (1: off)", 1, 255),
+        Param("kernel_size", int, None, "max-pool the predicted scores along tokens (1: off); null: 3 when the "
+              "budget is at least 1/4 of the prompt, else 1", 1, 255, optional=True),
         Param("weights", str, None, "retaining-head weights file (default: the shipped ones)", optional=True),
         decode_interval(),
     )
@@ -154,8 +164,11 @@ class Locret(EvictionPolicy):
         super().__init__(budget, params)
         self.chunk_size = int(self.params["chunk_size"])
         self.prefill_chunk = self.chunk_size
-        self.stabilizers = int(self.params["stabilizers"])
-        self.kernel_size = int(self.params["kernel_size"])
+        self.auto = {name for name in ("stabilizers", "kernel_size") if self.params[name] is None}
+        narrow = AUTO_SETTINGS[False]  # until resolved for a prompt (`for_prompt`)
+        self.stabilizers = narrow[0] if "stabilizers" in self.auto else int(self.params["stabilizers"])
+        self.kernel_size = narrow[1] if "kernel_size" in self.auto else int(self.params["kernel_size"])
+        self._resolved: dict[tuple[int, int], Locret] = {}
         weights = self.params.get("weights") or default_weights_path()
         if not Path(weights).is_file():
             raise LocretWeightsMissing(
@@ -164,6 +177,23 @@ class Locret(EvictionPolicy):
                 "them with `vllm-kvevict locret train --model DIR` and pass weights=PATH."
             )
         self.heads = load_retaining_heads(weights)
+
+    def for_prompt(self, num_tokens: int) -> Locret:
+        """With `stabilizers` or `kernel_size` left to their default (null): from a budget of 1/4 of the
+        prompt up, 64 stabilizers and pooling over 3 (13 of 15 4K needles at 1/4 against 4 of 15, greedy
+        agreement at 1/4 of a 2K prompt 0.13 vs 0.07, n = 24); below it, 256 and no pooling (fewer
+        stabilizers with pooling made summaries loop at 1/8 of a 4K prompt)."""
+        if not self.auto:
+            return self
+        wide = AUTO_SETTINGS[resolve_budget(self.budget, num_tokens) * WIDE_FROM >= num_tokens]
+        settings = (wide[0] if "stabilizers" in self.auto else self.stabilizers,
+                    wide[1] if "kernel_size" in self.auto else self.kernel_size)
+        if settings not in self._resolved:  # one resolved copy per setting (the heads are shared)
+            policy = copy.copy(self)
+            policy.stabilizers, policy.kernel_size = settings
+            policy.auto, policy._resolved = set(), {}
+            self._resolved[settings] = policy
+        return self._resolved[settings]
 
     def recent_tokens(self, num_tokens: int) -> int:
         return min(self.stabilizers, num_tokens)
