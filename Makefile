@@ -26,7 +26,7 @@ SERVE_ENV   := VLLM_CPU_KVCACHE_SPACE=$(KV_GIB) VLLM_CPU_NUM_OF_RESERVED_CPU=0
 DEVICE_ARGS := --dtype float32 --enforce-eager
 endif
 
-.PHONY: setup serve test model lock clean-venv results results-decode results-prefix gpu-check
+.PHONY: setup serve test model lock clean-venv results results-update results-decode results-prefix gpu-check
 
 setup: $(STAMP)
 
@@ -76,6 +76,13 @@ results: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_ARGS) --out docs/results/eval
 	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_CONTEXTS_ARGS) --out docs/results/eval_contexts
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_ARGS) --out docs/results/capacity
+	$(BIN)/python scripts/results_md.py
+
+# Re-run some policies of the main eval after a change to them, keeping the other policies' records
+# (`eval --update`; the full cache re-runs as the agreement reference), e.g. POLICIES=vatp,locret (~5 min each).
+results-update: setup
+	@test -n "$(POLICIES)" || { echo "usage: make results-update POLICIES=vatp,locret"; exit 2; }
+	$(SERVE_ENV) $(BIN)/vllm-kvevict eval $(EVAL_ARGS) --policies $(POLICIES) --update --out docs/results/eval
 	$(BIN)/python scripts/results_md.py
 
 # The decode-heavy and long-generation capacity runs (docs/results.md's "Decode-heavy" and "Long

@@ -10,7 +10,7 @@ import pytest
 from vllm_kvevict.bench.capacity import CapacitySpec, percentile
 from vllm_kvevict.cli.main import main
 from vllm_kvevict.eval import report
-from vllm_kvevict.eval.runner import EvalSpec, Job, forced_logprobs, plan_jobs, score
+from vllm_kvevict.eval.runner import EvalSpec, Job, forced_logprobs, merge, plan_jobs, score
 from vllm_kvevict.eval.tasks import Sample
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -75,6 +75,29 @@ def test_plan_jobs_runs_none_everywhere_and_policies_where_asked():
         ("snapkv", 128, 2048), ("snapkv", 256, 2048), ("vatp", 128, 2048), ("vatp", 256, 2048)}
 
 
+def _doc(policies, accuracy, date, **grid):
+    spec = {"budgets": [128], "contexts": [1024], "tasks": ["niah"], "depths": [0.5], "samples": 2, "seed": 0,
+            "agreement_tokens": 32, "policy_contexts": None, "policies": policies, **grid}
+    records = [{"policy": p, "budget": None if p == "none" else 128, "context": 1024, "task": "niah",
+                "accuracy": accuracy[p], "n": 2, "ci_low": 0.0, "ci_high": 1.0} for p in ["none", *policies]]
+    by_depth = [{**r, "depth": 0.5} for r in records]
+    return {"model": "m", "date": date, "seconds": 1.0, "requests": 2 * len(records), "spec": spec,
+            "records": records, "by_depth": by_depth}
+
+
+def test_an_update_replaces_the_rerun_policies_records_and_keeps_the_others():
+    old = _doc(["snapkv", "vatp"], {"none": 1.0, "snapkv": 0.5, "vatp": 0.0}, "day 1")
+    new = _doc(["vatp"], {"none": 1.0, "vatp": 1.0}, "day 2")
+    doc = merge(old, new)
+    acc = {r["policy"]: r["accuracy"] for r in doc["records"]}
+    assert acc == {"none": 1.0, "snapkv": 0.5, "vatp": 1.0} and len(doc["by_depth"]) == 3
+    assert doc["spec"]["policies"] == ["snapkv", "vatp"] and doc["date"] == "day 1"
+    assert doc["updates"] == [{"policies": ["none", "vatp"], "date": "day 2", "seconds": 1.0, "requests": 4}]
+    assert "Re-run day 2 (`eval --update`, 4 requests, 1.0 s): none, vatp." in report.eval_markdown(doc)
+    with pytest.raises(ValueError, match=r"samples=4 differs from the existing result's 2"):
+        merge(old, _doc(["vatp"], {"none": 1.0, "vatp": 1.0}, "day 2", samples=4))
+
+
 def test_markdown_and_plots(tmp_path):
     recs = []
     for policy, budget, acc in [("none", None, 0.9), ("snapkv", 128, 0.5), ("snapkv", 256, 0.75)]:
@@ -126,6 +149,8 @@ def test_percentile():
     (["eval", "--depths", "1.5"], "depth 1.5 must be in [0, 1]"),
     (["eval", "--context", "100"], "context 100 is too short"),
     (["eval", "--model", "/nonexistent"], "--model '/nonexistent' is not a Hugging Face directory"),
+    (["eval", "--update", "--out", "/nonexistent"], "--update re-runs --policies into an existing result"),
+    (["eval", "--update", "--policies", "vatp", "--out", "/nonexistent"], "'/nonexistent/eval.json' does not exist"),
     (["bench", "capacity", "--block-size", "48"], "block_size=48 must be a multiple of 32"),
     (["bench", "capacity", "--kv-blocks", "10"], "kv_blocks=10 cannot hold one request"),
     (["bench", "capacity", "--decode-interval", "-1"], "decode_interval=-1 must be >= 0"),

@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--quick", action="store_true", help="a small grid that finishes in a few minutes on 2 CPU cores")
     ev.add_argument("--model", default=None, help="Hugging Face directory (default: the prepared default model)")
     ev.add_argument("--out", type=Path, default=Path("kvevict-results"), help="output directory (default kvevict-results)")
+    ev.add_argument("--update", action="store_true",
+                    help="re-run --policies (and the full cache) on the grid of --out's existing eval.json and replace "
+                         "their records there, keeping the other policies' (the grid flags must match)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=run_eval)
 
@@ -152,7 +155,13 @@ def run_eval(args: argparse.Namespace) -> int:
                                  "samples": "samples"}, QUICK_EVAL)
     spec = runner.EvalSpec(seed=args.seed, kv_gib=args.kv_gib, **kwargs)
     spec.validate()  # before the model loads: a bad flag fails in a second
+    existing = args.out / "eval.json"
+    if args.update and (not args.policies or not existing.is_file()):
+        raise ValueError(f"--update re-runs --policies into an existing result: give --policies and an --out "
+                         f"holding eval.json ({str(existing)!r} {'exists' if existing.is_file() else 'does not exist'})")
     doc = runner.run(spec, _model(args.model), progress=not args.no_progress)
+    if args.update:
+        doc = runner.merge(json.loads(existing.read_text()), doc)
     markdown = report.eval_markdown(doc)
     _write(args.out, "eval", doc, markdown)
     plots = report.eval_plots(doc, args.out)

@@ -90,7 +90,11 @@ def eval_markdown(doc: dict[str, Any]) -> str:
     records = doc["records"]
     lines = [f"Model `{Path(str(doc.get('model', '?'))).name}`, {doc.get('date', '')}; "
              f"{doc.get('requests', '?')} requests, {doc.get('seconds', '?')} s. Cells: accuracy "
-             "[95% interval], n samples; `full` is the full cache (`none`).", "", needle_summary_markdown(doc)]
+             "[95% interval], n samples; `full` is the full cache (`none`)."]
+    for update in doc.get("updates", []):
+        lines[0] += (f" Re-run {update['date']} (`eval --update`, {update['requests']} requests, "
+                     f"{update['seconds']} s): {', '.join(update['policies'])}.")
+    lines += ["", needle_summary_markdown(doc)]
     tasks = _ordered(r["task"] for r in records)
     contexts = sorted({r["context"] for r in records})
     budgets = sorted({r["budget"] for r in records if r["budget"] is not None}, key=_budget_key)

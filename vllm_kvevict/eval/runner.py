@@ -154,6 +154,31 @@ def score(spec: EvalSpec, results: Sequence[tuple[Job, Any]]) -> dict[str, Any]:
     return {"records": records, "by_depth": by_depth}
 
 
+SAME_GRID = ("budgets", "contexts", "tasks", "depths", "samples", "seed", "agreement_tokens", "policy_contexts")
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with the policies run in `new` (the full cache included) replaced by their new records: re-run
+    a few policies after a change without re-running the grid. Both must be the same grid on the same model;
+    `updates` lists what was re-run and when."""
+    grid_old, grid_new = old["spec"], new["spec"]
+    for key in ("model",):
+        if old.get(key) != new.get(key):
+            raise ValueError(f"--update: {key} {new.get(key)!r} differs from the existing result's {old.get(key)!r}")
+    for key in SAME_GRID:
+        if grid_old.get(key) != grid_new.get(key):
+            raise ValueError(f"--update: {key}={grid_new.get(key)!r} differs from the existing result's "
+                             f"{grid_old.get(key)!r}; an update re-runs policies of the same grid")
+    rerun = {"none", *grid_new["policies"]}
+    doc = dict(old)
+    for key in ("records", "by_depth"):
+        doc[key] = [r for r in old[key] if r["policy"] not in rerun] + new[key]
+    doc["spec"] = {**grid_old, "policies": list(dict.fromkeys([*grid_old["policies"], *grid_new["policies"]]))}
+    doc["updates"] = old.get("updates", []) + [{"policies": sorted(rerun), "date": new["date"],
+                                                "seconds": new["seconds"], "requests": new["requests"]}]
+    return doc
+
+
 def forced_logprobs(out: Any, forced: Sequence[int]) -> tuple[list[float], list[int]]:
     """(logprob, rank) of each forced token; checks that the output really is the forced text."""
     if list(out.token_ids) != list(forced):
