@@ -91,6 +91,7 @@ def test_an_update_replaces_the_rerun_policies_records_and_keeps_the_others():
     doc = merge(old, new)
     acc = {r["policy"]: r["accuracy"] for r in doc["records"]}
     assert acc == {"none": 1.0, "snapkv": 0.5, "vatp": 1.0} and len(doc["by_depth"]) == 3
+    assert [r["policy"] for r in doc["records"]] == ["none", "snapkv", "vatp"]  # the report's rows stay in order
     assert doc["spec"]["policies"] == ["snapkv", "vatp"] and doc["date"] == "day 1"
     assert doc["updates"] == [{"policies": ["none", "vatp"], "date": "day 2", "seconds": 1.0, "requests": 4}]
     assert "Re-run day 2 (`eval --update`, 4 requests, 1.0 s): none, vatp." in report.eval_markdown(doc)

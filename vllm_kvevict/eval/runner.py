@@ -171,8 +171,10 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
                              f"{grid_old.get(key)!r}; an update re-runs policies of the same grid")
     rerun = {"none", *grid_new["policies"]}
     doc = dict(old)
+    order = {p: i for i, p in enumerate(dict.fromkeys(r["policy"] for r in old["records"]))}  # rows stay put
     for key in ("records", "by_depth"):
-        doc[key] = [r for r in old[key] if r["policy"] not in rerun] + new[key]
+        merged = [r for r in old[key] if r["policy"] not in rerun] + new[key]
+        doc[key] = sorted(merged, key=lambda r: order.get(r["policy"], len(order)))
     doc["spec"] = {**grid_old, "policies": list(dict.fromkeys([*grid_old["policies"], *grid_new["policies"]]))}
     doc["updates"] = old.get("updates", []) + [{"policies": sorted(rerun), "date": new["date"],
                                                 "seconds": new["seconds"], "requests": new["requests"]}]
