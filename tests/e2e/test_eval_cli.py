@@ -96,7 +96,8 @@ def test_forced_decoding_scores_like_prompt_logprobs():
 def test_bench_prefix_quick_reads_shared_documents_from_the_cache_with_eviction(tmp_path):
     """--quick: 2 conversations x 2 turns over 512-token documents, three engines. The follow-up turn of
     `none` and of snapkv with prefix caching reads its document from the cache (vLLM's count), snapkv
-    without it reads nothing, and copy-on-compact holds no more blocks per request than in-place."""
+    without it reads nothing, and copy-on-compact holds no more blocks per request than in-place. The later
+    phases replay the first one's transcript: every request generates as many tokens as the full cache's."""
     _run(["bench", "prefix", "--quick"], tmp_path)
     doc = json.loads((tmp_path / "prefix.json").read_text())
     none, in_place, copied = doc["phases"]
@@ -108,4 +109,7 @@ def test_bench_prefix_quick_reads_shared_documents_from_the_cache_with_eviction(
     assert copied["blocks_per_running_request"] <= in_place["blocks_per_running_request"] + 0.5
     assert copied["blocks_per_running_request"] < none["blocks_per_running_request"]
     assert all(0 < p["ttft_p50_s"] <= p["tt2t_p50_s"] <= p["latency_p50_s"] for p in doc["phases"])
+    lengths = none["transcript"]["output_tokens"]
+    assert [len(turns) for turns in lengths] == [2, 2]
+    assert in_place["transcript"]["output_tokens"] == copied["transcript"]["output_tokens"] == lengths
     assert "| snapkv, prefix cache on |" in (tmp_path / "prefix.md").read_text()

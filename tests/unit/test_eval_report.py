@@ -191,3 +191,28 @@ def test_needle_summary_pools_needle_tasks_with_an_interval_and_a_ratio_to_full(
     md = report.needle_summary_markdown({"records": recs})
     assert "| policy | full | 1/8 |" in md and "0.38 [" in md and "n=8, 0.50 of full" in md
     assert report._fmt_budget(0.25) == "1/4" and report._fmt_budget(0.3) == "0.3" and report._fmt_budget(256) == "256"
+
+
+class _CharTokenizer:
+    """A chat template that joins the messages; one token per character."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "|".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(ch) for ch in text]}
+
+
+def test_a_replayed_turn_sends_the_first_phases_transcript_and_answers_as_long():
+    """bench prefix: later phases resend the full cache's answers (the same prompt tokens in every phase)
+    and generate exactly as many tokens as it did, so every phase runs the same steps."""
+    from vllm_kvevict.bench.prefix import turn_request, turn_prompt
+
+    tok = _CharTokenizer()
+    conv = {"document": "doc", "keys": ["a-b", "c-d", "e-f"], "values": ["1", "2", "3"]}
+    transcript = {"answers": [["x"], [" 1234567.", " 7654321"]], "output_tokens": [[3], [5, 9]]}
+    own = [" 1234567 and more"]  # this phase's own answer to turn 0 differs from the full cache's
+    ids, max_tokens, min_tokens = turn_request(tok, conv, own, 16, (transcript, 1))
+    assert ids == turn_prompt(tok, conv, [" 1234567."]) != turn_prompt(tok, conv, own)
+    assert (max_tokens, min_tokens) == (9, 9)  # conversation 1's turn 1 answer was 9 tokens long
+    assert turn_request(tok, conv, own, 16) == (turn_prompt(tok, conv, own), 16, 0)  # the first phase: free

@@ -16,6 +16,14 @@ compaction runs before the step after the first token's: it shows there), output
 prefill included), blocks per running request (mean over steps), and accuracy of first and follow-up
 turns (the number in the answer) with a Wilson interval. Ratios are to the first phase, measured in the
 same run.
+
+The later phases replay the first one's transcript: turn k resends the full cache's answers to turns
+< k (the same prompt tokens in every phase), and each request generates exactly as many tokens as the
+full cache's did. Every phase then runs the same steps on the same tokens, and a ratio measures what the
+policy adds (compactions, recomputed observation windows, cheaper decode), not how differently long
+answers happened to line the conversations up (answers that differ in length move a turn's TTFT by
++-0.5 s either way). The accuracy of a later phase's follow-up is thus its answer to a transcript the full
+cache wrote.
 """
 
 from __future__ import annotations
@@ -97,8 +105,22 @@ def turn_prompt(tokenizer, conv: dict[str, Any], answers: list[str]) -> list[int
     return tokenizer(text + ANSWER.format(key=conv["keys"][len(answers)]), add_special_tokens=False)["input_ids"]
 
 
-def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -> dict[str, Any]:
-    """One phase on a fresh engine in this process."""
+def turn_request(tokenizer, conv: dict[str, Any], own: list[str], max_tokens: int,
+                 replay: tuple[dict[str, list[list]], int] | None = None) -> tuple[list[int], int, int]:
+    """(prompt ids, max_tokens, min_tokens) of a conversation's next turn (turn len(own)): after the
+    phase's own answers, or, replaying (a first phase's transcript, the conversation's index), after that
+    transcript's answers and exactly as long as its answer was."""
+    if replay is None:
+        return turn_prompt(tokenizer, conv, own), max_tokens, 0
+    transcript, c = replay
+    turn = len(own)
+    length = transcript["output_tokens"][c][turn]
+    return turn_prompt(tokenizer, conv, transcript["answers"][c][:turn]), length, length
+
+
+def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool,
+              reference: dict[str, list[list]] | None = None) -> dict[str, Any]:
+    """One phase on a fresh engine in this process; `reference` (a first phase's `transcript`): replay it."""
     from vllm import SamplingParams, TokensPrompt
 
     cpu_defaults()
@@ -111,15 +133,19 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
-    params = SamplingParams(temperature=0.0, max_tokens=spec.max_tokens, extra_args=policy_args(policy, spec.budget))
+    extra = policy_args(policy, spec.budget)
     answers: list[list[str]] = [[] for _ in convs]
+    lengths: list[list[int]] = [[] for _ in convs]  # output tokens per turn
     submitted: dict[str, tuple[int, int, float, int]] = {}  # request -> (conversation, turn, time, prompt tokens)
     rows: list[dict[str, Any]] = []
     per_request_blocks: list[float] = []
 
     def submit(c: int) -> None:
-        ids = turn_prompt(tokenizer, convs[c], answers[c])
-        name = f"c{c}-t{len(answers[c])}"  # outputs carry this id (add_request returns vLLM's internal one)
+        turn = len(answers[c])
+        ids, max_tokens, min_tokens = turn_request(tokenizer, convs[c], answers[c], spec.max_tokens,
+                                                   None if reference is None else (reference, c))
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min_tokens, extra_args=extra)
+        name = f"c{c}-t{turn}"  # outputs carry this id (add_request returns vLLM's internal one)
         engine.add_request(name, TokensPrompt(prompt_token_ids=ids), params)
         submitted[name] = (c, len(answers[c]), time.perf_counter(), len(ids))
 
@@ -149,10 +175,13 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool) -
                          "output_tokens": len(out.outputs[0].token_ids),
                          "correct": convs[c]["values"][turn] in text})
             answers[c].append(text)
+            lengths[c].append(len(out.outputs[0].token_ids))
             if len(answers[c]) < spec.questions:
                 submit(c)
     wall = time.perf_counter() - start
-    return summarize(rows, wall, per_request_blocks, policy, prefix_caching)
+    result = summarize(rows, wall, per_request_blocks, policy, prefix_caching)
+    result["transcript"] = {"answers": answers, "output_tokens": lengths}
+    return result
 
 
 def summarize(rows: list[dict[str, Any]], wall: float, per_request_blocks: list[float], policy: str,
@@ -187,7 +216,9 @@ def run(spec: PrefixSpec, model: str, progress: bool = True) -> dict[str, Any]:
     for k, (policy, caching) in enumerate(spec.phases()):
         if progress:
             print(f"[{k + 1}/3] {policy}, prefix caching {'on' if caching else 'off'}", file=sys.stderr, flush=True)
-        job = json.dumps({"spec": asdict(spec), "model": model, "policy": policy, "prefix_caching": caching})
+        reference = results[0]["transcript"] if results else None  # later phases replay the first
+        job = json.dumps({"spec": asdict(spec), "model": model, "policy": policy, "prefix_caching": caching,
+                          "reference": reference})
         proc = subprocess.run([sys.executable, "-m", "vllm_kvevict.bench.prefix"], input=job, capture_output=True,
                               text=True)
         if proc.returncode != 0:
@@ -206,7 +237,8 @@ def markdown(doc: dict[str, Any]) -> str:
     spec = doc["spec"]
     lines = [f"# Shared-prefix chat: {spec['documents']} documents x {spec['questions']} turns, "
              f"{spec['doc_len']}-token documents, {spec['policy']} at budget {spec['budget']}",
-             "", f"Run {doc['date']}, pool {spec['kv_blocks']} blocks; ratios to the first row, same run.", "",
+             "", f"Run {doc['date']}, pool {spec['kv_blocks']} blocks; ratios to the first row, same run; the later "
+             "rows replay the first row's transcript (the same prompts and output lengths).", "",
              "| phase | hit rate | TTFT p50 / p95 (s) | follow-up TTFT p50 / p95 (s) | 2nd token p50 (s) | latency p50 "
              "(s) | output tok/s | blocks per running request | first-turn accuracy | follow-up accuracy |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -224,5 +256,5 @@ def markdown(doc: dict[str, Any]) -> str:
 
 if __name__ == "__main__":  # one phase: JSON job on stdin, the phase's JSON on the last stdout line
     job = json.loads(sys.stdin.read())
-    result = run_phase(PrefixSpec(**job["spec"]), job["model"], job["policy"], job["prefix_caching"])
+    result = run_phase(PrefixSpec(**job["spec"]), job["model"], job["policy"], job["prefix_caching"], job.get("reference"))
     print(json.dumps(result))
