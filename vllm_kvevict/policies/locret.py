@@ -181,7 +181,7 @@ class Locret(EvictionPolicy):
     def for_prompt(self, num_tokens: int) -> Locret:
         """With `stabilizers` or `kernel_size` left to their default (null): from a budget of 1/4 of the
         prompt up, 64 stabilizers and pooling over 3 (13 of 15 4K needles at 1/4 against 4 of 15, greedy
-        agreement at 1/4 of a 2K prompt 0.13 vs 0.07, n = 24); below it, 256 and no pooling (fewer
+        agreement at 1/4 of a 2K prompt 0.11 vs 0.07, n = 24); below it, 256 and no pooling (fewer
         stabilizers with pooling made summaries loop at 1/8 of a 4K prompt)."""
         if not self.auto:
             return self
