@@ -32,19 +32,12 @@ def gather_dense(keys: torch.Tensor, values: torch.Tensor | None, row: torch.Ten
 
 def dense_row(cache: torch.Tensor, row: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Positions 0..T-1 of `row` in one key or value view, dense [H_kv, T, D]: whole blocks gathered (one
-    gather per block, not per token), laid out head-major and cut to T.
-
-    A view whose blocks hold each head's [bs, D] transposed in memory (CPU_ATTN's keys: [D, bs]) is gathered
-    in that order into [H_kv, D, T] memory: the result is its [H_kv, T, D] view, and q . k^T reads it as
-    stored (gathered token-major, the copy is strided and the matmul reads transposed keys: gather and
-    matmul of a 2.2K prompt's layer took ~1.4x as long on this CPU)."""
-    blocks = row[: -(-num_tokens // cache.shape[2])].long()
-    num_heads, dim = cache.shape[1], cache.shape[3]
-    if cache.stride(-1) != 1 and cache.stride(-2) == 1:  # stored [nb, H_kv, D, bs]
-        picked = cache.transpose(-1, -2).index_select(0, blocks)  # [n, H_kv, D, bs]: whole blocks, as stored
-        return picked.permute(1, 2, 0, 3).reshape(num_heads, dim, -1)[:, :, :num_tokens].transpose(1, 2)
-    picked = cache.index_select(0, blocks)  # [n, H_kv, bs, D]
-    return picked.transpose(0, 1).reshape(num_heads, -1, dim)[:, :num_tokens]
+    gather per block, not per token), then laid out head-major and cut to T. Every cache layout gives the
+    same contiguous result, so the CPU and Triton paths score bit for bit alike (gathering CPU_ATTN's
+    transposed keys as stored was ~3% faster on CPU but made q . k^T round differently there, and the
+    paths then kept different tokens on near-ties)."""
+    picked = cache.index_select(0, row[: -(-num_tokens // cache.shape[2])].long())  # [n, H_kv, bs, D]
+    return picked.transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :num_tokens]
 
 
 def rect_addresses(row: torch.Tensor, kept: torch.Tensor, block_size: int, into: torch.Tensor | None = None
