@@ -170,6 +170,26 @@ def test_bad_arguments_fail_fast_with_a_clear_message(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_update_of_another_grid_is_refused_before_the_model_runs(tmp_path, capsys):
+    """`eval --update` checks the stored grid first: a mismatch costs a second, not the whole run."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # enough for --model; nothing loads it when the check fails
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text(json.dumps(_doc(["vatp"], {"none": 1.0, "vatp": 1.0}, "day 1")))
+    argv = ["eval", "--update", "--policies", "vatp", "--budgets", "128", "--context", "1024", "--tasks", "niah",
+            "--depths", "0.5", "--samples", "2", "--model", str(model), "--out", str(out)]
+    assert main(argv) == 2
+    assert f"--update: model {str(model)!r} differs from the existing result's 'm'" in capsys.readouterr().err
+    (out / "eval.json").write_text(json.dumps({**_doc(["vatp"], {"none": 1.0, "vatp": 1.0}, "day 1"),
+                                               "model": str(model)}))
+    assert main([*argv[:-4], "--samples", "3", *argv[-4:]]) == 2
+    assert "samples=3 differs from the existing result's 2" in capsys.readouterr().err
+
+
 def test_capacity_spec_defaults_are_the_issue_setting():
     spec = CapacitySpec()
     spec.validate()

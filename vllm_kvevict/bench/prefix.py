@@ -147,7 +147,7 @@ def run_phase(spec: PrefixSpec, model: str, policy: str, prefix_caching: bool,
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min_tokens, extra_args=extra)
         name = f"c{c}-t{turn}"  # outputs carry this id (add_request returns vLLM's internal one)
         engine.add_request(name, TokensPrompt(prompt_token_ids=ids), params)
-        submitted[name] = (c, len(answers[c]), time.perf_counter(), len(ids))
+        submitted[name] = (c, turn, time.perf_counter(), len(ids))
 
     start = time.perf_counter()
     for c in range(len(convs)):
@@ -256,5 +256,6 @@ def markdown(doc: dict[str, Any]) -> str:
 
 if __name__ == "__main__":  # one phase: JSON job on stdin, the phase's JSON on the last stdout line
     job = json.loads(sys.stdin.read())
-    result = run_phase(PrefixSpec(**job["spec"]), job["model"], job["policy"], job["prefix_caching"], job.get("reference"))
+    result = run_phase(PrefixSpec(**job["spec"]), job["model"], job["policy"], job["prefix_caching"],
+                       job.get("reference"))
     print(json.dumps(result))

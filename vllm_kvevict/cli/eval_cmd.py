@@ -157,11 +157,16 @@ def run_eval(args: argparse.Namespace) -> int:
     spec.validate()  # before the model loads: a bad flag fails in a second
     existing = args.out / "eval.json"
     if args.update and (not args.policies or not existing.is_file()):
+        state = "exists" if existing.is_file() else "does not exist"
         raise ValueError(f"--update re-runs --policies into an existing result: give --policies and an --out "
-                         f"holding eval.json ({str(existing)!r} {'exists' if existing.is_file() else 'does not exist'})")
-    doc = runner.run(spec, _model(args.model), progress=not args.no_progress)
-    if args.update:
-        doc = runner.merge(json.loads(existing.read_text()), doc)
+                         f"holding eval.json ({str(existing)!r} {state})")
+    model = _model(args.model)
+    old = json.loads(existing.read_text()) if args.update else None
+    if old is not None:
+        runner.check_same_grid(old, model, runner.spec_record(spec))  # before the run, not after it
+    doc = runner.run(spec, model, progress=not args.no_progress)
+    if old is not None:
+        doc = runner.merge(old, doc)
     markdown = report.eval_markdown(doc)
     _write(args.out, "eval", doc, markdown)
     plots = report.eval_plots(doc, args.out)

@@ -114,9 +114,14 @@ def run(spec: EvalSpec, model: str, progress: bool = True) -> dict[str, Any]:
     doc.update(
         model=model, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds=round(seconds, 1), requests=len(jobs), prompt_tokens=sum(len(j.sample.prompt_ids) for j in jobs),
-        spec={k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(spec).items()},
+        spec=spec_record(spec),
     )
     return doc
+
+
+def spec_record(spec: EvalSpec) -> dict[str, Any]:
+    """The grid as the result document records it (`spec`)."""
+    return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(spec).items()}
 
 
 def score(spec: EvalSpec, results: Sequence[tuple[Job, Any]]) -> dict[str, Any]:
@@ -157,18 +162,22 @@ def score(spec: EvalSpec, results: Sequence[tuple[Job, Any]]) -> dict[str, Any]:
 SAME_GRID = ("budgets", "contexts", "tasks", "depths", "samples", "seed", "agreement_tokens", "policy_contexts")
 
 
+def check_same_grid(old: dict[str, Any], model: str, grid: dict[str, Any]) -> None:
+    """An update of result `old` must run the same grid (`spec_record`) on the same model."""
+    if old.get("model") != model:
+        raise ValueError(f"--update: model {model!r} differs from the existing result's {old.get('model')!r}")
+    for key in SAME_GRID:
+        if old["spec"].get(key) != grid.get(key):
+            raise ValueError(f"--update: {key}={grid.get(key)!r} differs from the existing result's "
+                             f"{old['spec'].get(key)!r}; an update re-runs policies of the same grid")
+
+
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`old` with the policies run in `new` (the full cache included) replaced by their new records: re-run
     a few policies after a change without re-running the grid. Both must be the same grid on the same model;
     `updates` lists what was re-run and when."""
     grid_old, grid_new = old["spec"], new["spec"]
-    for key in ("model",):
-        if old.get(key) != new.get(key):
-            raise ValueError(f"--update: {key} {new.get(key)!r} differs from the existing result's {old.get(key)!r}")
-    for key in SAME_GRID:
-        if grid_old.get(key) != grid_new.get(key):
-            raise ValueError(f"--update: {key}={grid_new.get(key)!r} differs from the existing result's "
-                             f"{grid_old.get(key)!r}; an update re-runs policies of the same grid")
+    check_same_grid(old, new["model"], grid_new)
     rerun = {"none", *grid_new["policies"]}
     doc = dict(old)
     order = {p: i for i, p in enumerate(dict.fromkeys(r["policy"] for r in old["records"]))}  # rows stay put

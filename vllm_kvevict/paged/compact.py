@@ -33,7 +33,7 @@ def gather_dense(keys: torch.Tensor, values: torch.Tensor | None, row: torch.Ten
 def dense_row(cache: torch.Tensor, row: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Positions 0..T-1 of `row` in one key or value view, dense [H_kv, T, D]: whole blocks gathered (one
     gather per block, not per token), then laid out head-major and cut to T. Every cache layout gives the
-    same contiguous result, so the CPU and Triton paths score bit for bit alike (gathering CPU_ATTN's
+    same token-major result, so the CPU and Triton paths score bit for bit alike (gathering CPU_ATTN's
     transposed keys as stored was ~3% faster on CPU but made q . k^T round differently there, and the
     paths then kept different tokens on near-ties)."""
     picked = cache.index_select(0, row[: -(-num_tokens // cache.shape[2])].long())  # [n, H_kv, bs, D]

@@ -30,7 +30,7 @@ def window_attention(
     start = num_tokens - window if query_start is None else query_start
     group = num_q // num_kv
     # one matmul per KV head over its group's queries (query head h reads KV head h // g): no copy of the keys
-    # but the fp32 one, in the order they are stored; the scale goes on the W queries, not the W x T logits
+    # but the fp32 one; the scale goes on the W queries, not the W x T logits
     scaled = queries.float().reshape(num_kv, group * window, dim) * (1.0 / math.sqrt(dim))
     logits = torch.matmul(scaled, keys.transpose(1, 2).float()).view(num_q, window, num_tokens)
     if causal and start + 1 < num_tokens:  # only keys after the first query's position can be in its future
