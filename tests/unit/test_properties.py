@@ -119,12 +119,13 @@ def test_gqa_reduction_matches_hand_computation():
         reduce_groups(scores, 4)
 
 
-def test_snapkv_score_matches_a_loop_over_query_heads():
+@pytest.mark.parametrize("window_reduce", ["mean", "max"])
+def test_snapkv_score_matches_a_loop_over_query_heads(window_reduce):
     gen = torch.Generator().manual_seed(0)
     num_kv, group, num_tokens, window, dim = 2, 3, 50, 8, 16
     keys = torch.randn(num_kv, num_tokens, dim, generator=gen)
     queries = torch.randn(num_kv * group, window, dim, generator=gen)
-    policy = PolicyConfig("snapkv", 20, (("window", window),)).build()
+    policy = PolicyConfig("snapkv", 20, (("window", window), ("window_reduce", window_reduce))).build()
     got = policy.score(LayerView(keys, torch.randn_like(keys), queries))
     for kv in range(num_kv):
         per_q = []
@@ -132,9 +133,14 @@ def test_snapkv_score_matches_a_loop_over_query_heads():
             logits = queries[qh] @ keys[kv].T / dim**0.5
             for i in range(window):  # query i sits at position T - W + i and sees keys <= it
                 logits[i, num_tokens - window + i + 1 :] = float("-inf")
-            mean = torch.softmax(logits, dim=-1).mean(0)
-            head = pool_scores(mean[: num_tokens - window].unsqueeze(0), policy.kernel_size, "max", policy.pool_align)[0]
-            per_q.append(torch.cat([head, mean[num_tokens - window :]]))
+            probs = torch.softmax(logits, dim=-1)
+            if window_reduce == "mean":
+                agg = probs.mean(0)
+            else:  # the most any query gives a token, floored at that maximum's mean before the window
+                worst = probs.max(0).values
+                agg = worst.clamp(min=float(worst[: num_tokens - window].mean()))
+            head = pool_scores(agg[: num_tokens - window].unsqueeze(0), policy.kernel_size, "max", policy.pool_align)[0]
+            per_q.append(torch.cat([head, agg[num_tokens - window :]]))
         assert torch.allclose(got[kv], torch.stack(per_q).mean(0), atol=1e-6)
     probs = window_attention(queries, keys)
     assert torch.allclose(probs.sum(-1), torch.ones(num_kv * group, window))
@@ -318,3 +324,30 @@ def test_a_pool_share_keeps_the_top_of_both_orders_in_proportion(num_tokens, sha
     assert torch.equal(share_ranks(pooled, raw, 1.0), pooled)
     with pytest.raises(ValueError, match="pool_share=1.5"):
         share_ranks(pooled, raw, 1.5)
+
+
+def test_defensive_window_reduce_keeps_the_token_one_query_needs():
+    """`window_reduce: max` (DefensiveKV): a token that one window query reads strongly outranks one every
+    query reads a little, which the mean (SnapKV) prefers; tokens before the window whose worst case is below
+    its mean tie at that mean."""
+    num_tokens, dim, broad, sharp = 64, 8, 10, 30
+    keys = torch.zeros(1, num_tokens, dim)
+    keys[0, broad, 0] = 1.0
+    keys[0, sharp, 1] = 1.0
+    queries = torch.zeros(1, 4, dim)
+    queries[0, :3, 0] = 8.0  # three queries read `broad` a little (softmax over ~64 near-equal keys)
+    queries[0, 3, 1] = 11.0  # the last reads `sharp` about half the time
+    view = LayerView(keys, None, queries)
+    args = {"policy": "snapkv", "budget": 5, "window": 4, "pooling": "none"}
+    mean = PolicyConfig.from_dict({**args, "window_reduce": "mean"}).build()
+    worst = PolicyConfig.from_dict({**args, "window_reduce": "max"}).build()
+    mean_scores, worst_scores = mean.score(view)[0], worst.score(view)[0]
+    assert mean_scores[broad] > mean_scores[sharp]
+    assert worst_scores[sharp] > worst_scores[broad]
+    assert mean.plan_rect(view, 60, 1).indices[0].tolist() == [broad]
+    assert worst.plan_rect(view, 60, 1).indices[0].tolist() == [sharp]
+    floor = worst_scores[: num_tokens - 4].min()
+    below = [t for t in range(num_tokens - 4) if t not in (broad, sharp)]
+    torch.testing.assert_close(worst_scores[below], floor.expand(len(below)))
+    probs = window_attention(queries, keys)
+    torch.testing.assert_close(floor, probs.amax(dim=1)[0, : num_tokens - 4].mean())

@@ -140,6 +140,10 @@ def pool_share(default: float = 1.0) -> Param:
 VALUE_WEIGHT = Param("value_weight", str, "none", "weight each token's window attention by its value norm before "
                      "pooling ('norm': a token moves the output by attention x ||v||, after CriticalKV)",
                      choices=("none", "norm"))
+WINDOW_REDUCE = Param("window_reduce", str, "max", "how the window's queries' attention becomes one score per token: "
+                      "'mean' (SnapKV) or 'max' (the most any query gives it, floored at that maximum's mean over "
+                      "tokens: DefensiveKV's aggregation; docs/results.md's window_reduce ablation)",
+                      choices=("mean", "max"))
 GQA_REDUCE = Param("gqa_reduce", str, "mean", "how a GQA group's query-head scores become one KV-head score",
                    choices=REDUCTIONS)
 MIN_PROMPT_LEN = Param("min_prompt_len", int, 0, "prompts this short or shorter are not compressed", 0, MAX_TOKENS)

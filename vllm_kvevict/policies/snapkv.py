@@ -1,11 +1,15 @@
 """SnapKV (Li et al., arXiv 2404.14469) and its PyramidKV / Ada-KV variants.
 
 Score: attention of the last `window` prompt queries (the observation window) over the prompt,
-averaged over the window, max-pooled along tokens, reduced over each GQA group (mean). The paper pools
-with a centred kernel of 7; the default here pools 11 tokens *following* each hit (`pool_align: follow`),
-so a value the question retrieves is kept whole: on the needle tasks at 1/8 and 1/4 of a 2K prompt that
-took snapkv and ada-snapkv from 0 to the full cache's accuracy (docs/results.md, the pool_align ablation).
-`kernel_size: 7, pool_align: center` restores the paper's scoring.
+aggregated over the window, max-pooled along tokens, reduced over each GQA group (mean). The paper
+averages over the window and pools with a centred kernel of 7. The defaults here differ twice, each an
+ablation in docs/results.md:
+  pool_align: follow, kernel 11   pool the 11 tokens *following* each hit, so a value the question
+                                  retrieves is kept whole (needles at 1/8 and 1/4 of 2K: 0 -> the full cache's)
+  window_reduce: max              a token scores the most any window query gives it, floored at that
+                                  maximum's mean (DefensiveKV, arXiv 2510.13334): a value only one query
+                                  reads is not averaged away (the last of four listed values came back)
+`kernel_size: 7, pool_align: center, window_reduce: mean` restores the paper's scoring.
 The window itself is always kept. Variants change only the allocator:
   snapkv         uniform per head
   pyramidkv      uniform per head, per-layer pyramid schedule (Cai et al., 2024)
@@ -27,11 +31,12 @@ from vllm_kvevict.policies.declaration import Declaration, KeptLayout, LayerBudg
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, VALUE_WEIGHT, decode_interval, sink_tokens, window)
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, VALUE_WEIGHT, WINDOW_REDUCE, decode_interval, sink_tokens, window)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import PYRAMID_BETA
 
-SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, POOL_ALIGN, VALUE_WEIGHT, GQA_REDUCE, MIN_PROMPT_LEN, sink_tokens(0))
+SNAP_PARAMS = (window(), KERNEL_SIZE, POOLING, POOL_ALIGN, WINDOW_REDUCE, VALUE_WEIGHT, GQA_REDUCE, MIN_PROMPT_LEN,
+               sink_tokens(0))
 
 
 class SnapKV(EvictionPolicy):
@@ -47,6 +52,7 @@ class SnapKV(EvictionPolicy):
         self.pooling = str(self.params.get("pooling", "max"))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
         self.value_weight = str(self.params.get("value_weight", VALUE_WEIGHT.default))
+        self.window_reduce = str(self.params.get("window_reduce", WINDOW_REDUCE.default))
 
     def declare(self) -> Declaration:
         decl = super().declare()
@@ -65,12 +71,27 @@ class SnapKV(EvictionPolicy):
             raise ValueError(f"{self.name} needs the last {self.window} prompt queries (view.queries is None)")
         probs = window_attention(view.queries, view.keys, query_start=view.query_start, key_mask=view.key_mask)
         window = probs.shape[1]
-        scores = probs.mean(dim=1)  # [H_q, T]
+        scores = probs.mean(dim=1) if self.window_reduce == "mean" else _defensive(probs, window, view.key_mask)
         if self.value_weight == "norm":
             norms = view.values.float().norm(dim=-1).to(scores.device)  # [H_kv, T]
             scores = scores * norms.repeat_interleave(scores.shape[0] // view.num_kv_heads, dim=0)
         scores = pool_before_recent(scores, window, self.kernel_size, self.pooling, self.pool_align)
         return reduce_groups(scores, view.num_kv_heads, self.gqa_reduce)
+
+
+def _defensive(probs: torch.Tensor, window: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """DefensiveKV's aggregation (Feng et al., arXiv 2510.13334) of probs [H_q, W, T]: a token scores the most
+    any window query gives it (a token one query needs is not averaged away by the others), and no token
+    before the window scores below that maximum's mean over them (the prior: with little evidence, tokens
+    tie). A head-lane view's padding (`key_mask` False) stays at 0 and takes no part in the mean."""
+    worst = probs.amax(dim=1)  # [H_q, T]
+    cut = worst.shape[1] - window
+    if key_mask is None:
+        return torch.maximum(worst, worst[:, :cut].mean(dim=1, keepdim=True))
+    real = key_mask.to(worst.device).repeat_interleave(worst.shape[0] // key_mask.shape[0], dim=0)
+    counted = real[:, :cut]
+    floor = (worst[:, :cut] * counted).sum(dim=1, keepdim=True) / counted.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(real, torch.maximum(worst, floor), worst)
 
 
 class PyramidKV(SnapKV):
