@@ -1,10 +1,13 @@
 """NACL (Chen et al., ACL 2024, arXiv 2408.03675): proxy-token eviction plus random eviction.
 
 Score: the attention the proxy tokens (the last `proxy_ratio` of the prompt, at least one) pay to
-every prompt token, summed over the proxies and reduced over each GQA group, then pooled along tokens
-like SnapKV's scores (max over the 11 tokens up to each; `pooling: none` is the paper's; `pool_share` < 1
-picks that share by pooled scores and the rest by the paper's, `attention.share_ranks`; the random
-sample's softmax then runs over those ranks).
+every prompt token, summed over the proxies and reduced over each GQA group, unpooled by default (the
+paper's). `pooling: max` pools them like SnapKV's scores (max over the 11 tokens up to each): every
+needle the full cache retrieves at 1/8 and 1/4 of a 2K prompt instead of none, but less of the full
+cache's greedy summaries (agreement 0.21 vs 0.34 at 1/4, n = 24), and the quality issue lets no default
+lose fluency (docs/results.md, the pool_share ablation). `pool_share` < 1 with pooling picks that share
+by pooled scores and the rest by the paper's (`attention.share_ranks`; the random sample's softmax then
+runs over those ranks).
 Select, per KV head: the top `(1 - random_fraction)` of the head's slots by score, then the rest
 sampled without replacement from the remaining candidates with probability softmax(score) (the
 reference code's rule, SPEC.md 1.9). Different heads and layers draw different samples
@@ -40,9 +43,8 @@ class NACL(EvictionPolicy):
         # [EXT] 0.12 proxy + 0.07 random of T: 7/19 of the selectable slots are sampled
         Param("random_fraction", float, 0.37, "share of each head's slots filled by random sampling", 0.0, 1.0),
         Param("seed", int, 0, "seed of the random eviction (same seed, same plan)", 0, 2**62),
-        # not in the paper: SnapKV's pooling of the proxy scores (docs/results.md, pooling ablation: needles
-        # at 1/8 and 1/4 of a 2K prompt 0 -> the full cache's); `pooling: none` restores the paper
-        pooling("max"), KERNEL_SIZE, POOL_ALIGN, pool_share(1.0),
+        # `pooling: max` (not the paper's) keeps the needles but loses fluency: the docstring above
+        pooling("none"), KERNEL_SIZE, POOL_ALIGN, pool_share(1.0),
         decode_interval(),
     )
     needs = frozenset({Need.WINDOW_QUERIES})
@@ -52,7 +54,7 @@ class NACL(EvictionPolicy):
         self.proxy_ratio = float(self.params.get("proxy_ratio", 0.01))
         self.random_fraction = float(self.params.get("random_fraction", 0.37))
         self.seed = int(self.params.get("seed", 0))
-        self.pooling = str(self.params.get("pooling", "max"))
+        self.pooling = str(self.params.get("pooling", "none"))
         self.kernel_size = int(self.params.get("kernel_size", KERNEL_SIZE.default))
         self.pool_align = str(self.params.get("pool_align", POOL_ALIGN.default))
         self.pool_share = float(self.params["pool_share"])
