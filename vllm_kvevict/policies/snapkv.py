@@ -31,7 +31,8 @@ from vllm_kvevict.policies.declaration import Declaration, KeptLayout, LayerBudg
 from vllm_kvevict.policies.eviction import EvictionPolicy
 from vllm_kvevict.policies.gqa import reduce_groups
 from vllm_kvevict.policies.params import (
-    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, VALUE_WEIGHT, WINDOW_REDUCE, decode_interval, sink_tokens, window)
+    GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, VALUE_WEIGHT, WINDOW_REDUCE, decode_interval,
+    sink_tokens, window)
 from vllm_kvevict.policies.plan import LayerView
 from vllm_kvevict.policies.pyramid import PYRAMID_BETA
 
