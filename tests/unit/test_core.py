@@ -68,6 +68,17 @@ def test_a_selecting_request_shares_and_reads_only_the_full_caches_kv(budget):
         assert first == 16 + 256 + 64 + 1
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv"])
+def test_the_plan_holds_its_largest_layers_count_per_head(policy):
+    """Every layer's lane compaction reads the request's largest per-head count from its plan (worked out
+    once per request), not from a walk over every layer's budget; a pyramid's largest layer is its first."""
+    plan = plan_for(config(policy, 256), 2100, BS, 30)
+    counts = [plan.policy.tokens_per_head(2100, layer, 30) for layer in range(30)]
+    assert plan.max_tokens_per_head == max(counts)
+    assert (counts[-1] < max(counts)) == ("pyramid" in policy)
+    assert plan_for(config("none", None), 2100, BS, 30).max_tokens_per_head == 0
+
+
 def _row(req_id, policy, budget, prompt_len, computed, scheduled, layers=1, copy=False, num_blocks=0, **params):
     plan = plan_for(config(policy, budget, **params), prompt_len, BS, layers, copy)
     return RowInfo(req_id, computed, scheduled, prompt_len, plan, num_blocks)

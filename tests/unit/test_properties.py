@@ -352,13 +352,3 @@ def test_defensive_window_reduce_keeps_the_token_one_query_needs():
     probs = window_attention(queries, keys)
     torch.testing.assert_close(floor, probs.amax(dim=1)[0, : num_tokens - 4].mean())
 
-
-@pytest.mark.parametrize("name", EVICT)
-@pytest.mark.parametrize("budget", [64, 0.25])
-def test_max_tokens_per_head_is_the_largest_layers_count(name, budget):
-    """The blocks a request holds come from the largest layer's count; it is asked once per layer, so it is
-    shortcut (uniform layers) or remembered (pyramids): the same answer as asking every layer."""
-    policy = PolicyConfig(name, budget).build()
-    for num_tokens, num_layers in ((700, 30), (2100, 30), (2100, 4), (700, 30)):
-        every = max(policy.tokens_per_head(num_tokens, layer, num_layers) for layer in range(num_layers))
-        assert policy.max_tokens_per_head(num_tokens, num_layers) == every

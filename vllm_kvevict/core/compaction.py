@@ -76,7 +76,7 @@ def compact_layer(layer: LayerEviction, row: RowInfo, table: torch.Tensor, keys:
         if decl.layout is KeptLayout.HEAD_LANES:
             prompt = comp.prompt_len
             total = layer_lanes(comp, keys.shape[1], policy.tokens_per_head(prompt, layer.layer, num_layers),
-                                policy.max_tokens_per_head(prompt, num_layers))
+                                row.plan.max_tokens_per_head)
             plan = policy.plan_lanes(view, region, total, comp.block_size)
             lanes = LaneMap.build(plan.lengths, comp.block_size)
             if lanes.num_blocks > comp.kept_blocks:

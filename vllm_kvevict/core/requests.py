@@ -73,6 +73,8 @@ class RequestPlan:
     config: PolicyConfig
     policy: Any
     compaction: Compaction | None
+    #: tokens per KV head of the policy's largest layer (its blocks are the request's); 0 without compaction
+    max_tokens_per_head: int = 0
 
     @property
     def declaration(self) -> Declaration | None:
@@ -130,7 +132,7 @@ def plan_for(config: PolicyConfig, prompt_len: int, block_size: int, num_layers:
         comp = plan_compaction(prompt_len, per_head, block_size, decl.decode_interval)
     if copy_on_compact and not comp.is_noop:
         comp = dataclasses.replace(comp, copy_on_compact=True)
-    return RequestPlan(config, policy, comp)
+    return RequestPlan(config, policy, comp, per_head)
 
 
 def request_plan(server: PolicyConfig, extra_args: Mapping[str, Any] | None, prompt_len: int, block_size: int,

@@ -63,7 +63,6 @@ class EvictionPolicy(Policy):
         # re-compact the tail every this many generated tokens (0: never; a policy offers it by listing
         # params.decode_interval() in its param_specs)
         self.decode_interval = int(self.params.get("decode_interval", 0))
-        self._pyramid_max: dict[tuple[int, int], int] = {}  # (prompt, layers) -> max_tokens_per_head
 
     def declare(self) -> Declaration:
         return Declaration(self.trigger, self.needs, self.layout, self.layer_budget, self.prefill_chunk,
@@ -103,15 +102,8 @@ class EvictionPolicy(Policy):
         return num_tokens if rule is None else min(num_tokens, rule.per_head)
 
     def max_tokens_per_head(self, num_tokens: int, num_layers: int = 1) -> int:
-        """The largest per-head count any layer keeps (the request holds that layer's blocks). Every layer's
-        compaction asks it: only a pyramid's layers differ, and their maximum is computed once per prompt."""
-        if self.layer_budget is not LayerBudget.PYRAMID:
-            return self.tokens_per_head(num_tokens, 0, num_layers)
-        key = (num_tokens, num_layers)
-        if key not in self._pyramid_max:
-            self._pyramid_max[key] = max(self.tokens_per_head(num_tokens, layer, num_layers)
-                                         for layer in range(num_layers))
-        return self._pyramid_max[key]
+        """The largest per-head count any layer keeps (the request holds that layer's blocks)."""
+        return max(self.tokens_per_head(num_tokens, layer, num_layers) for layer in range(num_layers))
 
     # ---- the pipeline ----------------------------------------------------------------------------
     def score(self, view: LayerView) -> torch.Tensor:
