@@ -29,7 +29,7 @@ from vllm_kvevict.policies.adakv import ADA_MODE, FLOOR_ALPHA
 from vllm_kvevict.policies.attention import pool_before_recent, window_attention
 from vllm_kvevict.policies.declaration import Declaration, KeptLayout, LayerBudget, Need
 from vllm_kvevict.policies.eviction import EvictionPolicy
-from vllm_kvevict.policies.gqa import reduce_groups
+from vllm_kvevict.policies.gqa import expand_kv, reduce_groups
 from vllm_kvevict.policies.params import (
     GQA_REDUCE, KERNEL_SIZE, MIN_PROMPT_LEN, POOL_ALIGN, POOLING, VALUE_WEIGHT, WINDOW_REDUCE, decode_interval,
     sink_tokens, window)
@@ -89,7 +89,7 @@ def _defensive(probs: torch.Tensor, window: int, key_mask: torch.Tensor | None) 
     cut = worst.shape[1] - window
     if key_mask is None:
         return torch.maximum(worst, worst[:, :cut].mean(dim=1, keepdim=True))
-    real = key_mask.to(worst.device).repeat_interleave(worst.shape[0] // key_mask.shape[0], dim=0)
+    real = expand_kv(key_mask.to(worst.device), worst.shape[0] // key_mask.shape[0])  # [H_q, T]
     counted = real[:, :cut]
     floor = (worst[:, :cut] * counted).sum(dim=1, keepdim=True) / counted.sum(dim=1, keepdim=True).clamp(min=1)
     return torch.where(real, torch.maximum(worst, floor), worst)
