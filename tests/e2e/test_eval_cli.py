@@ -97,8 +97,9 @@ def test_bench_prefix_quick_reads_shared_documents_from_the_cache_with_eviction(
     """--quick: 2 conversations x 2 turns over 512-token documents, three engines. The follow-up turn of
     `none` and of snapkv with prefix caching reads its document from the cache (vLLM's count), snapkv
     without it reads nothing, and copy-on-compact holds no more blocks per request than in-place. The later
-    phases replay the first one's transcript: every request generates as many tokens as the full cache's."""
-    _run(["bench", "prefix", "--quick"], tmp_path)
+    phases replay the first one's transcript: every request generates as many tokens as the full cache's.
+    --repeats 2 runs the two prefix-cache phases once more and summarises each ratio over both runs."""
+    _run(["bench", "prefix", "--quick", "--repeats", "2"], tmp_path)
     doc = json.loads((tmp_path / "prefix.json").read_text())
     none, in_place, copied = doc["phases"]
     assert [(p["policy"], p["prefix_caching"]) for p in doc["phases"]] == [
@@ -112,4 +113,13 @@ def test_bench_prefix_quick_reads_shared_documents_from_the_cache_with_eviction(
     lengths = none["transcript"]["output_tokens"]
     assert [len(turns) for turns in lengths] == [2, 2]
     assert in_place["transcript"]["output_tokens"] == copied["transcript"]["output_tokens"] == lengths
-    assert "| snapkv, prefix cache on |" in (tmp_path / "prefix.md").read_text()
+    assert [[(p["policy"], p["prefix_caching"]) for p in run] for run in doc["repeats"]] == [
+        [("none", True), ("snapkv", False), ("snapkv", True)], [("none", True), ("snapkv", True)]]
+    ttft = doc["repeat_summary"]["ttft_p50_ratio"]
+    assert ttft["each"] == [run[-1]["ttft_p50_ratio"] for run in doc["repeats"]]
+    assert ttft["each"][0] == copied["ttft_p50_ratio"]
+    assert ttft["min"] <= ttft["median"] <= ttft["max"]
+    hits = doc["repeat_summary"]["hit_rate_points_vs_first"]["each"]
+    assert hits[1] == hits[0]  # the same prompts: the same cache hits
+    text = (tmp_path / "prefix.md").read_text()
+    assert "| snapkv, prefix cache on |" in text and "Repeated 2 times" in text

@@ -160,6 +160,7 @@ def test_percentile():
     (["bench", "prefix", "--policy", "nope"], "policy 'nope' is unknown"),
     (["bench", "prefix", "--questions", "1"], "questions=1 must be >= 2"),
     (["bench", "prefix", "--kv-blocks", "12"], "kv_blocks=12 cannot hold one conversation's last turn"),
+    (["bench", "prefix", "--repeats", "0"], "repeats=0 must be >= 1"),
 ])
 def test_bad_arguments_fail_fast_with_a_clear_message(capsys, argv, message):
     try:
@@ -236,3 +237,36 @@ def test_a_replayed_turn_sends_the_first_phases_transcript_and_answers_as_long()
     assert ids == turn_prompt(tok, conv, [" 1234567."]) != turn_prompt(tok, conv, own)
     assert (max_tokens, min_tokens) == (9, 9)  # conversation 1's turn 1 answer was 9 tokens long
     assert turn_request(tok, conv, own, 16) == (turn_prompt(tok, conv, own), 16, 0)  # the first phase: free
+
+
+def test_repeated_prefix_runs_report_each_ratios_median_and_range():
+    """bench prefix --repeats: the policy-with-cache ratios of every repeat, their median and range, in the
+    document and its table; the in-place phase (first repeat only) does not enter them."""
+    from vllm_kvevict.bench.prefix import RATIOS, markdown, repeat_summary
+
+    def phase(policy, caching, ttft, follow):
+        return {"policy": policy, "prefix_caching": caching, "ttft_p50_ratio": ttft, "followup_ttft_p50_ratio": follow,
+                "latency_p50_ratio": 1.0, "hit_rate_points_vs_first": -0.3}
+
+    repeats = [[phase("none", True, 1.0, 1.0), phase("snapkv", False, 11.0, 9.0), phase("snapkv", True, 1.37, 1.23)],
+               [phase("none", True, 1.0, 1.0), phase("snapkv", True, 1.13, 0.99)],
+               [phase("none", True, 1.0, 1.0), phase("snapkv", True, 1.31, 0.97)]]
+    summary = repeat_summary(repeats, "snapkv")
+    assert set(summary) == {key for key, _ in RATIOS}
+    assert summary["ttft_p50_ratio"] == {"median": 1.31, "min": 1.13, "max": 1.37, "each": [1.37, 1.13, 1.31]}
+    assert summary["followup_ttft_p50_ratio"]["median"] == 0.99
+    one = {"policy": "none", "prefix_caching": True, "hit_rate": 0.72, "ttft_p50_s": 0.3, "ttft_p95_s": 1.0,
+           "ttft_p50_ratio": 1.0, "followup_ttft_p50_s": 0.3, "followup_ttft_p95_s": 0.5,
+           "followup_ttft_p50_ratio": 1.0,
+           "tt2t_p50_s": 0.6, "latency_p50_s": 2.0, "latency_p50_ratio": 1.0, "output_tok_s": 14.0,
+           "blocks_per_running_request": 18.6, "first_turn": {"accuracy": 0.0, "low": 0.0, "high": 0.3, "n": 8},
+           "followup": {"accuracy": 0.4, "low": 0.2, "high": 0.6, "n": 24}}
+    doc = {"date": "2026-12-03", "spec": {"documents": 8, "questions": 4, "doc_len": 2048, "policy": "snapkv",
+                                          "budget": 256, "kv_blocks": 192},
+           "phases": [one], "repeats": repeats, "repeat_summary": summary}
+    text = markdown(doc)
+    assert "Repeated 3 times" in text
+    assert "| TTFT p50, all turns | 1.31x | 1.13x .. 1.37x | 1.37x, 1.13x, 1.31x |" in text
+    assert "| hit rate, points vs `none` | -0.3 | -0.3 .. -0.3 |" in text
+    del doc["repeat_summary"]
+    assert "Repeated" not in markdown(doc)  # a single run: the table alone

@@ -15,7 +15,9 @@ over all turns and over follow-up turns (k >= 2), time to the second token and r
 compaction runs before the step after the first token's: it shows there), output tokens/s (wall time,
 prefill included), blocks per running request (mean over steps), and accuracy of first and follow-up
 turns (the number in the answer) with a Wilson interval. Ratios are to the first phase, measured in the
-same run.
+same run. `repeats` > 1 runs `none` and the policy with the prefix cache again that many times in all
+(each pair replaying the first phase's transcript) and reports each ratio's median and range over the
+repeats: one run's TTFT ratio moves by +-0.2x with where a compaction lands and how fast the machine is.
 
 The later phases replay the first one's transcript: turn k resends the full cache's answers to turns
 < k (the same prompt tokens in every phase), and each request generates exactly as many tokens as the
@@ -54,10 +56,12 @@ class PrefixSpec:
     max_tokens: int = 16
     kv_blocks: int = 192
     seed: int = 0
+    repeats: int = 1
 
     def validate(self) -> None:
         check_policies([self.policy], [self.budget])
-        for name, low in (("documents", 1), ("questions", 2), ("doc_len", 256), ("max_tokens", 8)):
+        for name, low in (("documents", 1), ("questions", 2), ("doc_len", 256), ("max_tokens", 8),
+                          ("repeats", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= {low}")
         need = -(-(self.doc_len + self.questions * (48 + self.max_tokens) + 256) // 128)
@@ -67,6 +71,10 @@ class PrefixSpec:
 
     def phases(self) -> list[tuple[str, bool]]:
         return [("none", True), (self.policy, False), (self.policy, True)]
+
+    def repeated_phases(self) -> list[tuple[str, bool]]:
+        """What a repeat after the first runs: the two phases with the prefix cache."""
+        return [("none", True), (self.policy, True)]
 
 
 def conversations(tokenizer, spec: PrefixSpec) -> list[dict[str, Any]]:
@@ -212,13 +220,35 @@ def summarize(rows: list[dict[str, Any]], wall: float, per_request_blocks: list[
 def run(spec: PrefixSpec, model: str, progress: bool = True) -> dict[str, Any]:
     """Every phase in its own process (one engine per process), then the side-by-side document."""
     spec.validate()
+    phases = _run_phases(spec, model, spec.phases(), None, progress, "")
+    reference = phases[0]["transcript"]  # every later phase replays it
+    runs = [phases]
+    for k in range(2, spec.repeats + 1):
+        label = f"repeat {k}/{spec.repeats}: "
+        runs.append(_run_phases(spec, model, spec.repeated_phases(), reference, progress, label))
+    doc = {"date": _dt.date.today().isoformat(), "spec": asdict(spec), "model": model, "phases": phases}
+    if spec.repeats > 1:
+        doc["repeats"] = [[_ratios_only(r) for r in run] for run in runs]
+        doc["repeat_summary"] = repeat_summary(doc["repeats"], spec.policy)
+    return doc
+
+
+RATIOS = (("ttft_p50_ratio", "TTFT p50, all turns"), ("followup_ttft_p50_ratio", "TTFT p50, follow-up turns"),
+          ("latency_p50_ratio", "latency p50"), ("hit_rate_points_vs_first", "hit rate, points vs `none`"))
+
+
+def _run_phases(spec: PrefixSpec, model: str, which: list[tuple[str, bool]], reference: dict[str, list[list]] | None,
+                progress: bool, label: str) -> list[dict[str, Any]]:
+    """The given phases in order, each in a fresh process; the first replays `reference` when given (else the
+    later ones replay the first's transcript); ratios to the first."""
     results = []
-    for k, (policy, caching) in enumerate(spec.phases()):
+    for k, (policy, caching) in enumerate(which):
         if progress:
-            print(f"[{k + 1}/3] {policy}, prefix caching {'on' if caching else 'off'}", file=sys.stderr, flush=True)
-        reference = results[0]["transcript"] if results else None  # later phases replay the first
+            state = "on" if caching else "off"
+            print(f"{label}[{k + 1}/{len(which)}] {policy}, prefix caching {state}", file=sys.stderr, flush=True)
+        replay = reference if reference is not None or not results else results[0]["transcript"]
         job = json.dumps({"spec": asdict(spec), "model": model, "policy": policy, "prefix_caching": caching,
-                          "reference": reference})
+                          "reference": replay})
         proc = subprocess.run([sys.executable, "-m", "vllm_kvevict.bench.prefix"], input=job, capture_output=True,
                               text=True)
         if proc.returncode != 0:
@@ -230,7 +260,22 @@ def run(spec: PrefixSpec, model: str, progress: bool = True) -> dict[str, Any]:
         r["followup_ttft_p50_ratio"] = r["followup_ttft_p50_s"] / base["followup_ttft_p50_s"]
         r["latency_p50_ratio"] = r["latency_p50_s"] / base["latency_p50_s"]
         r["hit_rate_points_vs_first"] = 100 * (r["hit_rate"] - base["hit_rate"])
-    return {"date": _dt.date.today().isoformat(), "spec": asdict(spec), "model": model, "phases": results}
+    return results
+
+
+def _ratios_only(phase: dict[str, Any]) -> dict[str, Any]:
+    return {"policy": phase["policy"], "prefix_caching": phase["prefix_caching"], **{k: phase[k] for k, _ in RATIOS}}
+
+
+def repeat_summary(repeats: list[list[dict[str, Any]]], policy: str) -> dict[str, dict[str, Any]]:
+    """Per ratio of `policy` with the prefix cache to `none` (each in its own repeat): the median, the
+    range and every repeat's value, in run order."""
+    mine = [next(p for p in run if p["policy"] == policy and p["prefix_caching"]) for run in repeats]
+    out = {}
+    for key, _ in RATIOS:
+        values = [p[key] for p in mine]
+        out[key] = {"median": percentile(values, 50), "min": min(values), "max": max(values), "each": values}
+    return out
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -251,6 +296,17 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"({r['followup_ttft_p50_ratio']:.2f}x) | {r['tt2t_p50_s']:.2f} | {r['latency_p50_s']:.2f} "
                      f"({r['latency_p50_ratio']:.2f}x) | {r['output_tok_s']:.1f} | "
                      f"{r['blocks_per_running_request']:.1f} | {acc[0]} | {acc[1]} |")
+    summary = doc.get("repeat_summary")
+    if summary:
+        lines += ["", f"Repeated {len(doc['repeats'])} times (the repeats after the first run only the two phases "
+                  "with the prefix cache, replaying the same transcript). Ratios of the policy with the prefix cache "
+                  "to `none`, each within its repeat:", "",
+                  "| ratio | median | range | each repeat |", "|---|---|---|---|"]
+        for key, name in RATIOS:
+            ratio = summary[key]
+            fmt = (lambda v: f"{v:+.1f}") if key.startswith("hit_rate") else (lambda v: f"{v:.2f}x")
+            lines.append(f"| {name} | {fmt(ratio['median'])} | {fmt(ratio['min'])} .. {fmt(ratio['max'])} | "
+                         f"{', '.join(fmt(v) for v in ratio['each'])} |")
     return "\n".join(lines) + "\n"
 
 

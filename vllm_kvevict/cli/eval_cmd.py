@@ -108,6 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--questions", type=int, default=None, help="turns per conversation, a needle each (default 4)")
     pre.add_argument("--doc-len", type=int, default=None, help="document tokens (default 2048)")
     pre.add_argument("--kv-blocks", type=int, default=None, help="KV pool size in 128-token blocks (default 192)")
+    pre.add_argument("--repeats", type=int, default=None,
+                     help="run none and the policy with the prefix cache this many times in all, and report each "
+                          "ratio's median and range (default 1)")
     pre.add_argument("--quick", action="store_true", help="2 conversations x 2 turns over 512-token documents")
     pre.add_argument("--model", default=None)
     pre.add_argument("--out", type=Path, default=Path("kvevict-results"))
@@ -197,7 +200,8 @@ def run_prefix(args: argparse.Namespace) -> int:
     from vllm_kvevict.bench import prefix
 
     kwargs = _spec_kwargs(args, {"policy": "policy", "budget": "budget", "documents": "documents",
-                                 "questions": "questions", "doc_len": "doc_len", "kv_blocks": "kv_blocks"}, QUICK_PREFIX)
+                                 "questions": "questions", "doc_len": "doc_len", "kv_blocks": "kv_blocks",
+                                 "repeats": "repeats"}, QUICK_PREFIX)
     spec = prefix.PrefixSpec(**kwargs)
     spec.validate()
     doc = prefix.run(spec, _model(args.model), progress=not args.no_progress)
