@@ -98,7 +98,7 @@ results-decode: setup
 
 # The shared-prefix chat run (docs/results.md's "Prefix caching with eviction"; about 15 minutes here): none with
 # prefix caching, snapkv without it (in place) and with it (copy-on-compact), each in its own engine.
-PREFIX_ARGS ?= --policy snapkv --budget 256 --documents 8 --questions 4 --doc-len 2048 --kv-blocks 192
+PREFIX_ARGS ?= --policy snapkv --budget 256 --documents 8 --questions 4 --doc-len 2048 --kv-blocks 192 --repeats 5
 results-prefix: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench prefix $(PREFIX_ARGS) --out docs/results/prefix
 	$(BIN)/python scripts/results_md.py

@@ -125,7 +125,12 @@ def _prefix_run(folder: Path, rel) -> list[str]:
     return ["## Prefix caching with eviction", "",
             "    " + f"vllm-kvevict bench prefix --policy {spec['policy']} --budget {_fmt_budget(spec['budget'])} "
             f"--documents {spec['documents']} --questions {spec['questions']} --doc-len {spec['doc_len']} "
-            f"--kv-blocks {spec['kv_blocks']} --out {rel(folder)}", "", prefix_markdown(doc).split("\n", 1)[1]]
+            f"--kv-blocks {spec['kv_blocks']}{_repeats(spec)} --out {rel(folder)}", "",
+            prefix_markdown(doc).split("\n", 1)[1]]
+
+
+def _repeats(spec: dict) -> str:
+    return f" --repeats {spec['repeats']}" if spec.get("repeats", 1) > 1 else ""
 
 
 def _notes(folder: Path, part: str) -> list[str]:
