@@ -96,8 +96,9 @@ results-decode: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench capacity $(CAPACITY_LONG_ARGS) --out docs/results/capacity_long
 	$(BIN)/python scripts/results_md.py
 
-# The shared-prefix chat run (docs/results.md's "Prefix caching with eviction"; about 15 minutes here): none with
-# prefix caching, snapkv without it (in place) and with it (copy-on-compact), each in its own engine.
+# The shared-prefix chat run (docs/results.md's "Prefix caching with eviction"; about 9 minutes here): none with
+# prefix caching, snapkv without it (in place) and with it (copy-on-compact), each in its own engine; then none and
+# copy-on-compact four times more, for each TTFT ratio's median and range.
 PREFIX_ARGS ?= --policy snapkv --budget 256 --documents 8 --questions 4 --doc-len 2048 --kv-blocks 192 --repeats 5
 results-prefix: setup
 	$(SERVE_ENV) $(BIN)/vllm-kvevict bench prefix $(PREFIX_ARGS) --out docs/results/prefix

@@ -251,7 +251,7 @@ def test_repeated_prefix_runs_report_each_ratios_median_and_range():
     repeats = [[phase("none", True, 1.0, 1.0), phase("snapkv", False, 11.0, 9.0), phase("snapkv", True, 1.37, 1.23)],
                [phase("none", True, 1.0, 1.0), phase("snapkv", True, 1.13, 0.99)],
                [phase("none", True, 1.0, 1.0), phase("snapkv", True, 1.31, 0.97)]]
-    summary = repeat_summary(repeats, "snapkv")
+    summary = repeat_summary(repeats)
     assert set(summary) == {key for key, _ in RATIOS}
     assert summary["ttft_p50_ratio"] == {"median": 1.31, "min": 1.13, "max": 1.37, "each": [1.37, 1.13, 1.31]}
     assert summary["followup_ttft_p50_ratio"]["median"] == 0.99

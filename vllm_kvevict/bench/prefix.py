@@ -228,19 +228,23 @@ def run(spec: PrefixSpec, model: str, progress: bool = True) -> dict[str, Any]:
         runs.append(_run_phases(spec, model, spec.repeated_phases(), reference, progress, label))
     doc = {"date": _dt.date.today().isoformat(), "spec": asdict(spec), "model": model, "phases": phases}
     if spec.repeats > 1:
-        doc["repeats"] = [[_ratios_only(r) for r in run] for run in runs]
-        doc["repeat_summary"] = repeat_summary(doc["repeats"], spec.policy)
+        doc["repeats"] = [[_ratios_only(phase) for phase in repeat] for repeat in runs]
+        doc["repeat_summary"] = repeat_summary(doc["repeats"])
     return doc
 
 
-RATIOS = (("ttft_p50_ratio", "TTFT p50, all turns"), ("followup_ttft_p50_ratio", "TTFT p50, follow-up turns"),
-          ("latency_p50_ratio", "latency p50"), ("hit_rate_points_vs_first", "hit rate, points vs `none`"))
+# (ratio, the phase's value it divides by the first phase's, its name in the tables)
+TIME_RATIOS = (("ttft_p50_ratio", "ttft_p50_s", "TTFT p50, all turns"),
+               ("followup_ttft_p50_ratio", "followup_ttft_p50_s", "TTFT p50, follow-up turns"),
+               ("latency_p50_ratio", "latency_p50_s", "latency p50"))
+HIT_POINTS = "hit_rate_points_vs_first"
+RATIOS = tuple((key, name) for key, _, name in TIME_RATIOS) + ((HIT_POINTS, "hit rate, points vs `none`"),)
 
 
 def _run_phases(spec: PrefixSpec, model: str, which: list[tuple[str, bool]], reference: dict[str, list[list]] | None,
                 progress: bool, label: str) -> list[dict[str, Any]]:
-    """The given phases in order, each in a fresh process; the first replays `reference` when given (else the
-    later ones replay the first's transcript); ratios to the first."""
+    """The given phases in order, each in a fresh process, with their ratios to the first. Every phase replays
+    `reference` when given; otherwise the phases after the first replay the first's transcript."""
     results = []
     for k, (policy, caching) in enumerate(which):
         if progress:
@@ -256,10 +260,9 @@ def _run_phases(spec: PrefixSpec, model: str, which: list[tuple[str, bool]], ref
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = results[0]
     for r in results:
-        r["ttft_p50_ratio"] = r["ttft_p50_s"] / base["ttft_p50_s"]
-        r["followup_ttft_p50_ratio"] = r["followup_ttft_p50_s"] / base["followup_ttft_p50_s"]
-        r["latency_p50_ratio"] = r["latency_p50_s"] / base["latency_p50_s"]
-        r["hit_rate_points_vs_first"] = 100 * (r["hit_rate"] - base["hit_rate"])
+        for key, value, _ in TIME_RATIOS:
+            r[key] = r[value] / base[value]
+        r[HIT_POINTS] = 100 * (r["hit_rate"] - base["hit_rate"])
     return results
 
 
@@ -267,10 +270,10 @@ def _ratios_only(phase: dict[str, Any]) -> dict[str, Any]:
     return {"policy": phase["policy"], "prefix_caching": phase["prefix_caching"], **{k: phase[k] for k, _ in RATIOS}}
 
 
-def repeat_summary(repeats: list[list[dict[str, Any]]], policy: str) -> dict[str, dict[str, Any]]:
-    """Per ratio of `policy` with the prefix cache to `none` (each in its own repeat): the median, the
-    range and every repeat's value, in run order."""
-    mine = [next(p for p in run if p["policy"] == policy and p["prefix_caching"]) for run in repeats]
+def repeat_summary(repeats: list[list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per ratio of the policy with the prefix cache (each repeat's last phase) to `none` (its first): the
+    median, the range and every repeat's value, in run order."""
+    mine = [phases[-1] for phases in repeats]
     out = {}
     for key, _ in RATIOS:
         values = [p[key] for p in mine]
