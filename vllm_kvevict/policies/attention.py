@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from vllm_kvevict.policies.gqa import expand_kv
+
 
 def window_attention(
     queries: torch.Tensor, keys: torch.Tensor, causal: bool = True, query_start: int | None = None,
@@ -39,7 +41,7 @@ def window_attention(
         k_pos = torch.arange(start + 1, num_tokens, device=logits.device).unsqueeze(0)
         seen.masked_fill_(k_pos > q_pos, float("-inf"))
     if key_mask is not None:
-        absent = ~key_mask.to(logits.device).repeat_interleave(group, dim=0)  # [H_q, T]
+        absent = ~expand_kv(key_mask.to(logits.device), group)  # [H_q, T]
         logits.masked_fill_(absent[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
 

@@ -26,5 +26,5 @@ def reduce_groups(scores: torch.Tensor, num_kv_heads: int, how: str = "mean") ->
 
 
 def expand_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[H_kv, T, D] -> [H_kv * g, T, D] so that query head h pairs with KV head h // g."""
+    """[H_kv, ...] -> [H_kv * g, ...] so that query head h pairs with KV head h // g."""
     return x if group_size == 1 else x.repeat_interleave(group_size, dim=0)

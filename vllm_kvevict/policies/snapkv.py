@@ -75,7 +75,7 @@ class SnapKV(EvictionPolicy):
         scores = probs.mean(dim=1) if self.window_reduce == "mean" else _defensive(probs, window, view.key_mask)
         if self.value_weight == "norm":
             norms = view.values.float().norm(dim=-1).to(scores.device)  # [H_kv, T]
-            scores = scores * norms.repeat_interleave(scores.shape[0] // view.num_kv_heads, dim=0)
+            scores = scores * expand_kv(norms, scores.shape[0] // view.num_kv_heads)
         scores = pool_before_recent(scores, window, self.kernel_size, self.pooling, self.pool_align)
         return reduce_groups(scores, view.num_kv_heads, self.gqa_reduce)
 
