@@ -307,7 +307,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   "| ratio | median | range | each repeat |", "|---|---|---|---|"]
         for key, name in RATIOS:
             ratio = summary[key]
-            fmt = (lambda v: f"{v:+.1f}") if key.startswith("hit_rate") else (lambda v: f"{v:.2f}x")
+            fmt = (lambda v: f"{v:+.1f}") if key == HIT_POINTS else (lambda v: f"{v:.2f}x")
             lines.append(f"| {name} | {fmt(ratio['median'])} | {fmt(ratio['min'])} .. {fmt(ratio['max'])} | "
                          f"{', '.join(fmt(v) for v in ratio['each'])} |")
     return "\n".join(lines) + "\n"
